@@ -1,0 +1,124 @@
+"""A thin paho-mqtt 2.x link shared by every tier's network driver (torch-free).
+
+- Always ``CallbackAPIVersion.VERSION2``, MQTT 3.1.1 (the embedded amqtt broker speaks no 5.0).
+- Last will ``offline`` on the node's status topic; ``online`` (retained) once connected.
+- ``connect()`` fails fast with a one-line :class:`ConnectError` when the broker is unreachable.
+- Handlers run on paho's network thread; a handler that raises is logged and counted, and the
+  link keeps running (a bad message never takes a node down).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from kernel.config import MqttConfig
+from kernel.errors import ConnectError
+from protos.envelope import Publish
+
+log = logging.getLogger(__name__)
+Handler = Callable[[str, bytes], None]
+
+
+class MqttLink:
+    def __init__(self, cfg: MqttConfig, client_id: str, status_topic: str | None = None) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.status_topic = status_topic
+        self._handlers: list[tuple[str, Handler]] = []
+        self._connected = threading.Event()
+        self._errors = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                        clean_session=True)
+        if status_topic:
+            c.will_set(status_topic, b"offline", qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.max_inflight_messages_set(100)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=5)
+        self.client = c
+
+    @property
+    def host(self) -> str:
+        return self.cfg.host or "127.0.0.1"
+
+    @property
+    def errors(self) -> int:
+        return self._errors
+
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None:
+        """Register before or after connect; re-subscribed on every reconnect."""
+        self._handlers.append((topic, handler))
+        if self._connected.is_set():
+            self.client.subscribe(topic, qos=qos)
+
+    def connect(self, timeout: float = 10.0) -> MqttLink:
+        try:
+            self.client.connect(self.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+            raise ConnectError(f"cannot reach MQTT broker at {self.host}:{self.cfg.port}: {reason}") from None
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.client.loop_stop()
+            raise ConnectError(f"MQTT broker at {self.host}:{self.cfg.port} did not accept the connection "
+                               f"within {timeout:.0f}s")
+        return self
+
+    def publish(self, msg: Publish, wait: bool = True, timeout: float = 30.0) -> None:
+        info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        self.bytes_out += len(msg.payload)
+        if wait and msg.qos > 0:
+            info.wait_for_publish(timeout)
+
+    def close(self) -> None:
+        if self.status_topic and self._connected.is_set():
+            try:
+                self.client.publish(self.status_topic, b"offline", qos=1, retain=True).wait_for_publish(2)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # paho callbacks (network thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
+            return
+        for topic, _ in self._handlers:
+            client.subscribe(topic, qos=1)
+        if self.status_topic:
+            client.publish(self.status_topic, b"online", qos=1, retain=True)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if reason_code != 0:
+            log.warning("%s: lost the broker (%s); reconnecting", self.client_id, reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        self.bytes_in += len(message.payload)
+        for pattern, handler in self._handlers:
+            if mqtt.topic_matches_sub(pattern, message.topic):
+                try:
+                    handler(message.topic, message.payload)
+                except Exception:  # a bad message must not take the node down
+                    self._errors += 1
+                    log.exception("%s: handler for %s failed; message dropped", self.client_id, message.topic)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
