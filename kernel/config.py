@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kernel.errors import ConfigError
 from protos.control import AcquisitionConfig, TrainConfig
+from protos.topics import check_id
 
 ENV_PREFIX = "FOGFL_"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `--set run_id=2024` or `path: 2024` reaches us as an int from YAML.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class DataConfig(_Strict):
@@ -95,6 +97,12 @@ class RunConfig(_Strict):
     cloud: CloudConfig = Field(default_factory=CloudConfig)
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+
+    @field_validator("run_id")
+    @classmethod
+    def _check_run_id(cls, v: str) -> str:
+        # the run id becomes an MQTT topic level: fail here, not when the first topic is built
+        return check_id("run", v)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -181,12 +189,16 @@ def read_yaml(path: Path | str) -> dict:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config file {path}:{where} is not valid YAML") from None
+    if data is None:  # an empty file (or only comments) is an empty layer
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import pickle
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -61,7 +64,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with _open_maybe_gz(path) as f:
             data = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read IDX file ({exc.__class__.__name__})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic)")
@@ -73,7 +76,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     dt = np.dtype(dtypes[dtype_code])
-    need = int(np.prod(dims)) * dt.itemsize
+    need = math.prod(dims) * dt.itemsize  # python ints: a corrupt header cannot overflow
     body = data[4 + 4 * ndim :]
     if len(body) != need:
         raise DataError(f"{path}: IDX body has {len(body)} bytes, header says {need}")
@@ -96,6 +99,8 @@ def _mnist_like(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     for split in ("train", "t10k"):
         xi = read_idx(_find(folder, [f"{split}-images-idx3-ubyte", f"{split}-images.idx3-ubyte"]))
         yi = read_idx(_find(folder, [f"{split}-labels-idx1-ubyte", f"{split}-labels.idx1-ubyte"]))
+        if xi.ndim != 3 or yi.ndim != 1:
+            raise DataError(f"{folder}: {split} images must be 3-d and labels 1-d, got {xi.ndim}-d and {yi.ndim}-d")
         if len(xi) != len(yi):
             raise DataError(f"{folder}: {split} images ({len(xi)}) and labels ({len(yi)}) differ in count")
         xs.append(xi)
@@ -115,9 +120,11 @@ def _cifar10(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             with open(f, "rb") as fh:
                 d = pickle.load(fh, encoding="bytes")
             xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
-        except (OSError, KeyError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            ys.append(np.asarray(d[b"labels"], dtype=np.int64).reshape(-1))
+        except Exception as exc:  # unpickling a broken file can raise nearly anything
             raise DataError(f"{f}: not a CIFAR-10 batch ({exc.__class__.__name__})") from None
+        if len(xs[-1]) != len(ys[-1]):
+            raise DataError(f"{f}: {len(xs[-1])} images but {len(ys[-1])} labels")
     return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys)
 
 
@@ -157,7 +164,7 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as z:
             x, y = z["x"], z["y"]
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"{path}: expected an .npz with arrays x and y ({exc.__class__.__name__})") from None
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 3:

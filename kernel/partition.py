@@ -54,6 +54,12 @@ def _class_split(y, pool, n_parts, class_split, rng) -> list[np.ndarray]:
     if not class_split:
         raise ConfigError("partition 'classes' needs data.class_split, e.g. [[0,1],[2,3],[4,5,6],[7,8,9]]")
     groups = len(class_split)
+    seen: set[int] = set()
+    for classes in class_split:
+        twice = seen.intersection(classes)
+        if twice:  # a sample would land on two edges
+            raise ConfigError(f"data.class_split lists class {min(twice)} in more than one group")
+        seen.update(classes)
     members = {g: [k for k in range(n_parts) if k % groups == g] for g in range(groups)}
     parts: list[list[int]] = [[] for _ in range(n_parts)]
     for g, classes in enumerate(class_split):

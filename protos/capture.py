@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,8 @@ def read_capture(path: Path | str) -> Capture:
         raise CaptureError(f"{path}: no such capture file") from None
     except IsADirectoryError:
         raise CaptureError(f"{path}: is a directory, expected a .fcap file") from None
+    except OSError as exc:
+        raise CaptureError(f"{path}: cannot read capture ({exc.strerror or exc.__class__.__name__})") from None
     if len(data) < _HEAD.size:
         raise CaptureError(f"{path}: truncated ({len(data)} bytes, shorter than the header)")
     magic, version, length = _HEAD.unpack_from(data)
@@ -173,5 +177,6 @@ def read_truth(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
             return z["x"], z["y"]
     except FileNotFoundError:
         raise CaptureError(f"{path}: no such ground-truth file") from None
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, OSError, EOFError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
+        # TypeError: a plain .npy (np.load returns an array, not an archive)
         raise CaptureError(f"{path}: not a ground-truth file ({exc.__class__.__name__})") from None

@@ -8,9 +8,11 @@ whether a model can move.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from protos import fogfl_pb2 as pb
 from protos.errors import ChecksumError, WireError
@@ -21,7 +23,7 @@ _ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "u
 
 
 def tensor_to_pb(name: str, array: np.ndarray) -> pb.Tensor:
-    arr = np.ascontiguousarray(array)
+    arr = np.asarray(array)  # not ascontiguousarray: it turns a 0-d array into shape (1,)
     if arr.dtype.name not in _ALLOWED_DTYPES:
         raise WireError(f"tensor {name!r}: dtype {arr.dtype.name} is not supported on the wire")
     if arr.dtype.byteorder == ">":
@@ -36,11 +38,15 @@ def tensor_from_pb(t: pb.Tensor) -> np.ndarray:
     shape = tuple(int(s) for s in t.shape)
     if any(s < 0 for s in shape):
         raise WireError(f"tensor {t.name!r}: negative dimension in shape {shape}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # python ints: a hostile shape cannot overflow
     if expected != len(t.data):
         raise WireError(f"tensor {t.name!r}: shape {shape} {t.dtype} needs {expected} bytes, got {len(t.data)}")
     # frombuffer gives a read-only view of the message's bytes; copy so callers own the array.
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    try:
+        arr = np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. an empty tensor whose other dimensions exceed numpy's limits
+        raise WireError(f"tensor {t.name!r}: shape {shape} is not representable") from None
+    return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
 def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
@@ -56,6 +62,9 @@ def decode_tensors(payload: bytes) -> dict[str, np.ndarray]:
         ts.ParseFromString(payload)
     except Exception as exc:  # protobuf raises DecodeError, sometimes others on garbage
         raise WireError(f"payload is not a TensorSet ({exc.__class__.__name__})") from None
+    # protobuf skips fields it does not know, so some garbage parses as an empty set: refuse it.
+    if len(UnknownFieldSet(ts)) or any(len(UnknownFieldSet(t)) for t in ts.tensors):
+        raise WireError("payload is not a TensorSet (unknown fields)")
     out: dict[str, np.ndarray] = {}
     for t in ts.tensors:
         if t.name in out:

@@ -103,7 +103,14 @@ class ModelHeader(_message.Message):
     def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., arch_json: _Optional[str] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("fog_id", "round", "base_version", "num_samples", "update_kind", "hparams", "total_bytes", "labels_total", "edge_bytes_up", "edge_bytes_down", "defense", "train_loss")
+    __slots__ = ("fog_id", "round", "base_version", "num_samples", "update_kind", "hparams", "total_bytes", "labels_total", "edge_bytes_up", "edge_bytes_down", "defense", "train_loss", "label_counts")
+    class LabelCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     FOG_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +123,7 @@ class UpdateHeader(_message.Message):
     EDGE_BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     DEFENSE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     fog_id: str
     round: int
     base_version: int
@@ -128,7 +136,8 @@ class UpdateHeader(_message.Message):
     edge_bytes_down: int
     defense: str
     train_loss: float
-    def __init__(self, fog_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., update_kind: _Optional[str] = ..., hparams: _Optional[_Union[LocalHParams, _Mapping]] = ..., total_bytes: _Optional[int] = ..., labels_total: _Optional[int] = ..., edge_bytes_up: _Optional[int] = ..., edge_bytes_down: _Optional[int] = ..., defense: _Optional[str] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    label_counts: _containers.ScalarMap[int, int]
+    def __init__(self, fog_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., update_kind: _Optional[str] = ..., hparams: _Optional[_Union[LocalHParams, _Mapping]] = ..., total_bytes: _Optional[int] = ..., labels_total: _Optional[int] = ..., edge_bytes_up: _Optional[int] = ..., edge_bytes_down: _Optional[int] = ..., defense: _Optional[str] = ..., train_loss: _Optional[float] = ..., label_counts: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class Trailer(_message.Message):
     __slots__ = ("sha256",)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import re
 
+from protos.errors import WireError
+
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def check_id(kind: str, value: str) -> str:
-    """Node and run ids become topic levels: no '/', '+', '#' or spaces."""
-    if not _ID.match(value):
-        raise ValueError(f"{kind} id {value!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+    """Node and run ids become topic levels: no '/', '+', '#' or spaces. Raises WireError (a
+    ValueError) on a bad id."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise WireError(f"{kind} id {value!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
     return value
 
 
