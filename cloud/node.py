@@ -1,0 +1,331 @@
+"""The cloud coordinator as transport-free logic.
+
+The network driver (``cloud.service``) and the in-process engine call the same methods with the
+same wire bytes:
+
+    ann = node.start_round()                       # -> Announcement (published on MQTT)
+    header, payload = node.serve_model(fog_id)      # -> model download stream
+    ack = node.receive_update(update_header, payload)  # <- update upload stream
+    if node.round_complete(): metrics = node.finish_round()
+
+Two plain hooks, and no knowledge of attacks: ``observers`` see every accepted update with the
+model served for it; ``serve_transform`` may replace the parameters served to a given fog. An
+update computed on a model other than the global one is recorded (observers) but not aggregated,
+so the global model stays sound.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cloud.strategies import make_strategy
+from kernel.config import RunConfig
+from kernel.data import Dataset, Splits, load_dataset, make_splits
+from kernel.models import arch_spec, build_model, export_onnx, get_params, set_params
+from protos import fogfl_pb2 as pb
+from protos.codec import decode_tensors, encode_tensors, sha256_hex
+from protos.control import Announcement, RoundMetrics
+from protos.errors import WireError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpdateObservation:
+    """What a curious observer sees: the exact bytes served and received."""
+
+    fog_id: str
+    round: int
+    model_version: int
+    arch_json: str
+    served_payload: bytes
+    header: pb.UpdateHeader
+    update_payload: bytes
+    served_transformed: bool
+
+
+Observer = Callable[[UpdateObservation], None]
+ServeTransform = Callable[[str, int, dict[str, np.ndarray], dict], "dict[str, np.ndarray] | None"]
+
+
+@dataclass
+class _Round:
+    number: int
+    announcement: Announcement
+    started: float
+    selected: set[str]
+    received: dict[str, pb.UpdateHeader] = field(default_factory=dict)
+    served: dict[str, bytes] = field(default_factory=dict)  # fog -> payload actually served
+    transformed: set[str] = field(default_factory=set)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: int = 0
+    aggregated: int = 0
+
+
+class CloudNode:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        out_dir: Path | str | None = None,
+        observers: list[Observer] | None = None,
+        serve_transform: ServeTransform | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.observers = list(observers or [])
+        self.serve_transform = serve_transform
+        self.ds: Dataset = load_dataset(cfg.data)
+        self.splits: Splits = make_splits(cfg, self.ds)
+        self.spec = arch_spec(cfg.model, self.ds.shape, self.ds.num_classes)
+        self.arch_json = json.dumps(self.spec)
+        self.fog_ids = cfg.fog_ids()
+        self.rng = np.random.default_rng([cfg.seed, 0xC10D])
+        self.model: nn.Module = build_model(self.spec, seed=cfg.seed)
+        self.version = 0
+        self.round_no = 0
+        self.current: _Round | None = None
+        self.history: list[RoundMetrics] = []
+        self.labels: dict[str, int] = {}
+        self.rejected_total = 0
+        self._lock = threading.RLock()
+        self._warm_start()
+        self.params = get_params(self.model)
+        self._payload = encode_tensors(self.params)
+        self.strategy = make_strategy(cfg.cloud, cfg.train)
+        self.initial_accuracy, self.initial_loss = self.evaluate()
+        log.info("cloud ready: %s, %d params, initial accuracy %.3f", self.spec["arch"],
+                 sum(v.size for v in self.params.values()), self.initial_accuracy)
+
+    # ---------------------------------------------------------------- model
+    def _warm_start(self) -> None:
+        ws = self.cfg.cloud.warm_start
+        idx = self.splits.warm
+        if not len(idx) or not ws.epochs:
+            return
+        x = torch.from_numpy(self.ds.x[idx])
+        y = torch.from_numpy(self.ds.y[idx])
+        opt = torch.optim.Adam(self.model.parameters(), lr=ws.lr)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        loss_fn = nn.CrossEntropyLoss()
+        self.model.train()
+        for _ in range(ws.epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for s in range(0, len(x), ws.batch_size):
+                b = order[s : s + ws.batch_size]
+                opt.zero_grad()
+                loss_fn(self.model(x[b]), y[b]).backward()
+                opt.step()
+        log.info("warm start on %d labelled samples (%d per class)", len(idx), ws.per_class)
+
+    def evaluate(self) -> tuple[float, float]:
+        idx = self.splits.test
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(self.ds.x[idx]))
+            y = torch.from_numpy(self.ds.y[idx])
+            loss = nn.functional.cross_entropy(logits, y).item()
+            acc = (logits.argmax(1) == y).float().mean().item()
+        return float(acc), float(loss)
+
+    def onnx_bytes(self) -> bytes:
+        return export_onnx(self.model, self.ds.shape)
+
+    # ---------------------------------------------------------------- rounds
+    def start_round(self) -> Announcement:
+        with self._lock:
+            self.round_no += 1
+            selected = self.strategy.select(self.fog_ids, self.cfg.topology.fraction, self.rng)
+            train = self.strategy.configure(self.round_no, self.cfg.train)
+            min_updates = self.cfg.cloud.min_updates or len(selected)
+            if self.cfg.defense.masking:
+                min_updates = len(selected)  # pairwise masks cancel only when every peer reports
+            ann = Announcement(
+                run_id=self.cfg.run_id, round=self.round_no, model_version=self.version,
+                selected=sorted(selected), deadline_s=self.cfg.cloud.round_deadline_s,
+                min_updates=min(min_updates, len(selected)), acquisition=self.cfg.acquisition, train=train,
+                issued_at=time.time(),
+            )
+            self.current = _Round(self.round_no, ann, time.monotonic(), set(selected))
+            self.strategy.begin_round(self.params, self.spec)
+            log.info("round %d: model v%d, %d fogs selected", self.round_no, self.version, len(selected))
+            return ann
+
+    def done_announcement(self) -> Announcement:
+        return Announcement(kind="done", run_id=self.cfg.run_id, round=self.round_no,
+                            model_version=self.version, issued_at=time.time())
+
+    def serve_model(self, fog_id: str, round_: int | None = None) -> tuple[pb.ModelHeader, bytes]:
+        """The global model for ``fog_id`` (possibly transformed by the serve hook)."""
+        with self._lock:
+            payload = self._payload
+            rnd = self.current
+            if self.serve_transform is not None:
+                alt = self.serve_transform(fog_id, self.round_no, self.params, self.spec)
+                if alt is not None:
+                    payload = encode_tensors(alt)
+            if rnd is not None:
+                if payload is not self._payload:
+                    rnd.transformed.add(fog_id)
+                rnd.served[fog_id] = payload
+                rnd.bytes_down += len(payload)
+            header = pb.ModelHeader(version=self.version, round=self.round_no, arch_json=self.arch_json,
+                                    total_bytes=len(payload))
+            return header, payload
+
+    def receive_update(self, header: pb.UpdateHeader, payload: bytes) -> pb.UploadAck:
+        with self._lock:
+            rnd = self.current
+            reason = self._check(header, rnd)
+            if reason is None:
+                try:
+                    update = decode_tensors(payload)
+                    self._check_shapes(update)
+                except WireError as exc:
+                    reason = str(exc)
+            if reason is not None:
+                self.rejected_total += 1
+                if rnd is not None:
+                    rnd.rejected += 1
+                log.warning("rejected update from %s (round %d): %s", header.fog_id, header.round, reason)
+                return pb.UploadAck(accepted=False, reason=reason, round=header.round)
+            assert rnd is not None
+            rnd.received[header.fog_id] = header
+            rnd.bytes_up += len(payload)
+            self.labels[header.fog_id] = int(header.labels_total)
+            transformed = header.fog_id in rnd.transformed
+            if not transformed:
+                meta = {"masked": _masked(header), "label_counts": dict(header.label_counts)}
+                self.strategy.add_update(header.fog_id, update, int(header.num_samples), header.update_kind, meta)
+                rnd.aggregated += 1
+            del update
+            served = rnd.served.get(header.fog_id, self._payload)
+        obs = UpdateObservation(header.fog_id, header.round, self.version, self.arch_json, served, header,
+                                payload, transformed)
+        for observer in self.observers:
+            try:
+                observer(obs)
+            except Exception:
+                log.exception("update observer failed; the round goes on")
+        return pb.UploadAck(accepted=True, round=header.round)
+
+    def _check(self, h: pb.UpdateHeader, rnd: _Round | None) -> str | None:
+        if rnd is None:
+            return "no round is open"
+        if h.round != rnd.number:
+            return f"update is for round {h.round}, the open round is {rnd.number}"
+        if h.fog_id not in rnd.selected:
+            return f"{h.fog_id or '<no id>'} is not selected in round {rnd.number}"
+        if h.fog_id in rnd.received:
+            return f"{h.fog_id} already sent its update for round {rnd.number}"
+        if h.base_version != self.version:
+            return f"update is based on v{h.base_version}, the served model is v{self.version}"
+        if h.update_kind not in ("delta", "gradient"):
+            return f"unknown update kind {h.update_kind!r}"
+        if h.update_kind != rnd.announcement.train.update_kind:
+            return f"round {rnd.number} asked for {rnd.announcement.train.update_kind} updates, got {h.update_kind}"
+        if h.num_samples == 0:
+            return "update computed on 0 samples"
+        return None
+
+    def _check_shapes(self, update: dict[str, np.ndarray]) -> None:
+        if list(update) != list(self.params):
+            raise WireError("update tensor names differ from the model's")
+        for k, v in update.items():
+            if v.shape != self.params[k].shape:
+                raise WireError(f"update tensor {k}: shape {v.shape} != model's {self.params[k].shape}")
+            if v.dtype != np.float32:
+                raise WireError(f"update tensor {k}: dtype {v.dtype}, expected float32")
+            if not np.isfinite(v).all():
+                raise WireError(f"update tensor {k} holds NaN or infinity")
+
+    def round_complete(self) -> bool:
+        """All selected fogs reported, or the deadline passed with at least min_updates."""
+        with self._lock:
+            rnd = self.current
+            if rnd is None:
+                return False
+            if len(rnd.received) >= len(rnd.selected):
+                return True
+            expired = time.monotonic() - rnd.started >= rnd.announcement.deadline_s
+            return expired
+
+    def finish_round(self) -> RoundMetrics:
+        with self._lock:
+            rnd = self.current
+            assert rnd is not None, "no round is open"
+            enough = len(rnd.received) >= rnd.announcement.min_updates
+            if rnd.aggregated and enough:
+                self.params = self.strategy.end_round(self.cfg.train.lr)
+                set_params(self.model, self.params)
+                self._payload = encode_tensors(self.params)
+                self.version += 1
+            else:
+                log.warning("round %d closed with %d/%d updates (min %d): model kept at v%d", rnd.number,
+                            len(rnd.received), len(rnd.selected), rnd.announcement.min_updates, self.version)
+            acc, loss = self.evaluate()
+            edge_up = sum(h.edge_bytes_up for h in rnd.received.values())
+            edge_down = sum(h.edge_bytes_down for h in rnd.received.values())
+            m = RoundMetrics(
+                round=rnd.number, model_version=self.version, accuracy=acc, loss=loss,
+                labels_used=int(sum(self.labels.values())), bytes_up=rnd.bytes_up, bytes_down=rnd.bytes_down,
+                edge_bytes_up=edge_up, edge_bytes_down=edge_down, updates=len(rnd.received),
+                wall_s=time.monotonic() - rnd.started, final=rnd.number >= self.cfg.rounds,
+            )
+            self.history.append(m)
+            self.current = None
+            self._checkpoint()
+            log.info("round %d: accuracy %.4f loss %.4f labels %d (%d updates, %.2fs)", m.round, acc, loss,
+                     m.labels_used, m.updates, m.wall_s)
+            return m
+
+    def _checkpoint(self) -> None:
+        if self.out_dir is None:
+            return
+        d = self.out_dir / "checkpoints"
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / "latest.npz", **self.params)
+        (d / "latest.onnx").write_bytes(self.onnx_bytes())
+        (d / "latest.json").write_text(json.dumps({"version": self.version, "round": self.round_no,
+                                                   "arch": self.spec, "sha256": sha256_hex(self._payload)}))
+
+    def metrics_document(self) -> dict:
+        return {
+            "config": self.cfg.model_dump(mode="json"),
+            "arch": self.spec,
+            "initial_accuracy": self.initial_accuracy,
+            "rounds": [m.model_dump(exclude={"final", "model_version"}) | {"model_version": m.model_version}
+                       for m in self.history],
+            "final_accuracy": self.history[-1].accuracy if self.history else self.initial_accuracy,
+            "rejected_updates": self.rejected_total,
+        }
+
+    def write_metrics(self, path: Path | str | None = None) -> Path | None:
+        target = Path(path) if path else (self.out_dir / "metrics.json" if self.out_dir else None)
+        if target is None:
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.metrics_document(), indent=2))
+        tmp.replace(target)
+        return target
+
+
+def _masked(h: pb.UpdateHeader) -> bool:
+    if not h.defense:
+        return False
+    try:
+        return bool(json.loads(h.defense).get("masking"))
+    except (ValueError, AttributeError):
+        return False

@@ -1,0 +1,143 @@
+"""The cloud's network driver: a gRPC Aggregator service (1 MiB chunk streams, sha256 trailer,
+standard health service) and the round loop that announces rounds over MQTT."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cloud.node import CloudNode
+from kernel.config import RunConfig
+from kernel.errors import ConnectError
+from kernel.mqtt import MqttLink, wait_until
+from protos import fogfl_pb2 as pb
+from protos import fogfl_pb2_grpc as pb_grpc
+from protos.codec import assemble_chunks, iter_chunks
+from protos.envelope import Publish
+from protos.errors import WireError
+from protos.topics import Topics
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "fogfl.Aggregator"
+
+
+class AggregatorServicer(pb_grpc.AggregatorServicer):
+    def __init__(self, node: CloudNode) -> None:
+        self.node = node
+        self.rejected = 0
+
+    def DownloadModel(self, request: pb.ModelRequest, context):  # noqa: N802 (gRPC naming)
+        header, payload = self.node.serve_model(request.fog_id, request.round)
+        log.debug("serving v%d (%d bytes) to %s", header.version, len(payload), request.fog_id)
+        yield from iter_chunks(pb.Chunk(model_header=header), payload)
+
+    def UploadUpdate(self, request_iterator, context):  # noqa: N802
+        try:
+            header, payload = assemble_chunks(request_iterator, "update_header")
+        except WireError as exc:
+            self.rejected += 1
+            log.warning("rejected a malformed upload from %s: %s", context.peer(), exc)
+            return pb.UploadAck(accepted=False, reason=str(exc))
+        return self.node.receive_update(header, payload)
+
+
+def start_grpc_server(servicer: pb_grpc.AggregatorServicer, host: str, port: int,
+                      workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Bind, register the Aggregator and the health service, start. Port 0 picks a free port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_AggregatorServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise ConnectError(f"cannot listen on {host}:{port}: port in use or address not available "
+                           "(choose another with --set cloud.port=N)")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer
+
+
+class CloudService:
+    """Runs the rounds: announce (MQTT), serve and collect (gRPC), aggregate, publish metrics."""
+
+    def __init__(self, cfg: RunConfig, node: CloudNode, stop: threading.Event | None = None) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.stop = stop or threading.Event()
+        self.topics = Topics(cfg.run_id)
+        self.online: set[str] = set()
+        self.servicer = AggregatorServicer(node)
+        self.server: grpc.Server | None = None
+        self.port = 0
+        self.link: MqttLink | None = None
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        node_id = Topics.node_of_status(topic)
+        if payload == b"online":
+            self.online.add(node_id)
+        else:
+            self.online.discard(node_id)
+
+    def start(self) -> None:
+        self.server, self.port, _ = start_grpc_server(self.servicer, self.cfg.cloud.host, self.cfg.cloud.port)
+        log.info("gRPC aggregator listening on %s:%d", self.cfg.cloud.host, self.port)
+        self.link = MqttLink(self.cfg.mqtt, f"{self.cfg.run_id}-cloud", self.topics.status("cloud"))
+        self.link.subscribe(self.topics.status_all, self._on_status)
+        try:
+            self.link.connect()
+        except ConnectError:
+            self.server.stop(0)
+            raise
+        # a previous run's retained announcement must not start this run's fogs
+        self.link.publish(Publish(self.topics.rounds, b"", retain=True))
+        self.link.publish(Publish(self.topics.metrics, b"", retain=True))
+
+    def run(self) -> list:
+        assert self.link is not None
+        fogs = set(self.cfg.fog_ids())
+        if self.cfg.cloud.wait_for_fogs_s:
+            ok = wait_until(lambda: fogs <= self.online or self.stop.is_set(), self.cfg.cloud.wait_for_fogs_s)
+            missing = sorted(fogs - self.online)
+            if not ok and missing:
+                log.warning("starting without %d fog(s) online: %s", len(missing), ", ".join(missing[:5]))
+        for _ in range(self.cfg.rounds):
+            if self.stop.is_set():
+                break
+            ann = self.node.start_round()
+            self.link.publish(Publish(self.topics.rounds, ann.to_json(), retain=True))
+            while not self.node.round_complete() and not self.stop.is_set():
+                time.sleep(0.02)
+            metrics = self.node.finish_round()
+            self.node.write_metrics()
+            self.link.publish(Publish(self.topics.metrics, metrics.to_json(), retain=True))
+        self.link.publish(Publish(self.topics.rounds, self.node.done_announcement().to_json(), retain=True))
+        return self.node.history
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        if self.server is not None:
+            self.server.stop(grace=1).wait(2)
+
+
+def run_cloud(cfg: RunConfig, out_dir: Path | str, stop: threading.Event | None = None,
+              observers=None, serve_transform=None) -> CloudNode:
+    node = CloudNode(cfg, out_dir=out_dir, observers=observers, serve_transform=serve_transform)
+    svc = CloudService(cfg, node, stop)
+    svc.start()
+    try:
+        svc.run()
+    finally:
+        node.write_metrics()
+        svc.close()
+    return node

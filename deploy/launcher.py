@@ -1,0 +1,275 @@
+"""``fogfl run``: one command, a real federation on this machine.
+
+The network engine starts every service as its own process through the same CLI a deployment
+uses (``fogfl broker``, ``fogfl cloud``, ``fogfl fog``, ``fogfl edge``), follows the rounds over
+MQTT to show progress, and collects the run directory:
+
+    <out>/config.yaml      the resolved config every process ran with
+    <out>/metrics.json     per-round accuracy, loss, labels used, bytes, wall time (+ leakage)
+    <out>/accuracy.png     accuracy and labels used per round
+    <out>/logs/*.log       one log per process
+    <out>/captures/        the curious cloud's captures and (testbed) ground truth
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernel.config import RunConfig, dump_config
+from kernel.errors import ConnectError, FogflError
+from kernel.mqtt import MqttLink
+from protos.control import RoundMetrics
+from protos.errors import WireError
+from protos.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(FogflError):
+    """The federation did not finish."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def make_run_dir(cfg: RunConfig, out: str | None) -> Path:
+    if out:
+        d = Path(out)
+    else:
+        d = Path("runs") / f"{cfg.run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    d.mkdir(parents=True, exist_ok=True)
+    if not out or d.parent.name == "runs":
+        latest = d.parent / "latest"
+        try:
+            if latest.is_symlink() or latest.exists():
+                latest.unlink()
+            latest.symlink_to(d.name)
+        except OSError:
+            pass
+    return d
+
+
+class NetworkRun:
+    def __init__(self, cfg: RunConfig, out: Path, attack: bool) -> None:
+        self.cfg = cfg.model_copy(deep=True)
+        self.out = out
+        self.attack = attack
+        self.children: list[Child] = []
+        (out / "logs").mkdir(exist_ok=True)
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        log_path = self.out / "logs" / f"{name}.log"
+        fh = open(log_path, "wb")
+        env = dict(os.environ)
+        env.setdefault("FOGFL_LOG_LEVEL", "INFO")
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("OMP_NUM_THREADS", "1")  # many small processes on few cores
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        fh.close()
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def _last_line(self, child: Child) -> str:
+        try:
+            lines = child.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def start(self) -> None:
+        cfg = self.cfg
+        if cfg.mqtt.host is None:
+            port = _free_port()
+            broker = self._spawn("broker", ["broker", "--host", "127.0.0.1", "--port", str(port)])
+            if not _wait_port("127.0.0.1", port, 30, broker.proc):
+                raise RunFailed(f"embedded broker did not start: {self._last_line(broker)}")
+            cfg.mqtt.host, cfg.mqtt.port = "127.0.0.1", port
+        else:
+            if not _wait_port(cfg.mqtt.host, cfg.mqtt.port, 3):
+                raise ConnectError(f"cannot reach MQTT broker at {cfg.mqtt.host}:{cfg.mqtt.port}")
+        if not cfg.cloud.port:
+            cfg.cloud.port = _free_port()
+        cfg_path = self.out / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        common = ["--config", str(cfg_path)]
+        cloud_argv = ["cloud", *common, "--out", str(self.out)]
+        if self.attack:
+            cloud_argv += ["--tap", str(self.out / "captures")]
+        self.cloud = self._spawn("cloud", cloud_argv)
+        cloud_addr = f"{cfg.cloud.host}:{cfg.cloud.port}"
+        for fog_id in cfg.fog_ids():
+            argv = ["fog", *common, "--id", fog_id, "--cloud", cloud_addr, "--state", str(self.out / "state" / fog_id)]
+            if self.attack:
+                argv += ["--truth", str(self.out / "captures")]
+            self._spawn(fog_id, argv)
+            for edge_id in cfg.edge_ids(fog_id):
+                self._spawn(edge_id, ["edge", *common, "--id", edge_id, "--state", str(self.out / "state" / edge_id)])
+
+    def follow(self, timeout: float, quiet: bool) -> list[RoundMetrics]:
+        """Show progress from the metrics topic until the cloud exits."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        topics = Topics(self.cfg.run_id)
+        seen: dict[int, RoundMetrics] = {}
+
+        def on_metrics(topic: str, payload: bytes) -> None:
+            if payload:
+                try:
+                    m = RoundMetrics.from_json(payload)
+                except WireError:
+                    return
+                seen[m.round] = m
+
+        link = MqttLink(self.cfg.mqtt, f"{self.cfg.run_id}-launcher-{os.getpid()}")
+        link.subscribe(topics.metrics, on_metrics)
+        link.connect()
+        end = time.monotonic() + timeout
+        progress = Progress(TextColumn("[bold]federation"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=quiet, transient=False)
+        try:
+            with progress:
+                task = progress.add_task("rounds", total=self.cfg.rounds, info="starting services…")
+                while self.cloud.proc.poll() is None:
+                    if time.monotonic() > end:
+                        raise RunFailed(f"the federation did not finish within {timeout:.0f}s "
+                                        f"(logs in {self.out / 'logs'})")
+                    dead = [c for c in self.children if c.proc.poll() not in (None, 0) and c is not self.cloud]
+                    if dead:
+                        c = dead[0]
+                        raise RunFailed(f"{c.name} exited with code {c.proc.returncode}: {self._last_line(c)}")
+                    if seen:
+                        last = seen[max(seen)]
+                        progress.update(task, completed=len(seen),
+                                        info=f"acc {last.accuracy:.3f}  labels {last.labels_used}")
+                    time.sleep(0.2)
+                if seen:
+                    last = seen[max(seen)]
+                    progress.update(task, completed=len(seen), info=f"acc {last.accuracy:.3f}  labels {last.labels_used}")
+        finally:
+            link.close()
+        if self.cloud.proc.returncode != 0:
+            raise RunFailed(f"cloud exited with code {self.cloud.proc.returncode}: {self._last_line(self.cloud)}")
+        return [seen[k] for k in sorted(seen)]
+
+    def stop(self) -> None:
+        for c in self.children:
+            if c.proc.poll() is None:
+                c.proc.terminate()
+        end = time.monotonic() + 10
+        for c in self.children:
+            try:
+                c.proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+
+
+def plot_accuracy(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [0] + [r["round"] for r in metrics["rounds"]]
+    acc = [metrics.get("initial_accuracy", float("nan"))] + [r["accuracy"] for r in metrics["rounds"]]
+    labels = [0] + [r["labels_used"] for r in metrics["rounds"]]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ax.plot(rounds, acc, "o-", color="tab:blue", label="test accuracy")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy", color="tab:blue")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(rounds, labels, "s--", color="tab:orange", label="labels used")
+    ax2.set_ylabel("labels used (edges)", color="tab:orange")
+    cfg = metrics.get("config", {})
+    ax.set_title(f"{cfg.get('run_id', '')}: {cfg.get('data', {}).get('dataset', '')}, "
+                 f"{cfg.get('acquisition', {}).get('strategy', '')} sampling", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_summary(metrics: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"fogfl run — {out}", show_lines=False)
+    for col in ("round", "accuracy", "loss", "labels", "bytes up", "bytes down", "wall s"):
+        t.add_column(col, justify="right")
+    for r in metrics["rounds"]:
+        t.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", str(r["labels_used"]),
+                  f"{r['bytes_up']:,}", f"{r['bytes_down']:,}", f"{r['wall_s']:.2f}")
+    console = Console()
+    console.print(t)
+    console.print(f"final accuracy [bold]{metrics['final_accuracy']:.4f}[/bold] "
+                  f"(initial {metrics.get('initial_accuracy', float('nan')):.4f}); "
+                  f"total wall {metrics.get('wall_s', 0):.1f}s")
+    leak = metrics.get("leakage")
+    if leak:
+        console.print(f"leakage: {leak['summary']}")
+
+
+def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack: bool = True, quiet: bool = False,
+        timeout: float = 900.0) -> int:
+    run_dir = make_run_dir(cfg, out)
+    t0 = time.monotonic()
+    if engine == "inprocess":
+        from deploy.engine import run_inprocess
+
+        run_inprocess(cfg, run_dir, capture=attack, progress=not quiet)
+    else:
+        net = NetworkRun(cfg, run_dir, attack)
+        try:
+            net.start()
+            net.follow(timeout, quiet)
+        finally:
+            net.stop()
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        raise RunFailed(f"no metrics.json in {run_dir} (see {run_dir / 'logs'})")
+    metrics = json.loads(metrics_path.read_text())
+    metrics["wall_s"] = time.monotonic() - t0
+    metrics["engine"] = engine
+    if attack:
+        from deploy.leakage import leakage_check
+
+        metrics["leakage"] = leakage_check(run_dir / "captures", run_dir / "leakage", progress=not quiet)
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    plot_accuracy(metrics, run_dir / "accuracy.png")
+    if not quiet:
+        print_summary(metrics, run_dir)
+    return 0

@@ -1,0 +1,130 @@
+"""The fog's network driver: MQTT for announcements, edge samples and the edge model; gRPC
+streams for the model download and the update upload."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+
+import grpc
+
+from fog.node import FogNode
+from kernel.config import RunConfig
+from kernel.errors import ConnectError
+from kernel.mqtt import MqttLink, wait_until
+from protos import fogfl_pb2 as pb
+from protos import fogfl_pb2_grpc as pb_grpc
+from protos.codec import assemble_chunks, iter_chunks
+from protos.control import Announcement
+from protos.errors import WireError
+from protos.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class CloudClient:
+    """gRPC client of the cloud's Aggregator service (1 MiB chunk streams both ways)."""
+
+    def __init__(self, address: str, timeout: float = 120.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.AggregatorStub(self.channel)
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    def wait_ready(self, timeout: float) -> None:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectError(f"cloud at {self.address} did not answer within {timeout:.0f}s") from None
+
+    def download(self, fog_id: str, round_: int) -> tuple[pb.ModelHeader, bytes]:
+        chunks = self.stub.DownloadModel(pb.ModelRequest(fog_id=fog_id, round=round_), timeout=self.timeout)
+        header, payload = assemble_chunks(chunks, "model_header")
+        self.bytes_down += len(payload)
+        return header, payload
+
+    def upload(self, header: pb.UpdateHeader, payload: bytes) -> pb.UploadAck:
+        ack = self.stub.UploadUpdate(iter_chunks(pb.Chunk(update_header=header), payload), timeout=self.timeout)
+        self.bytes_up += len(payload)
+        return ack
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class FogService:
+    def __init__(self, cfg: RunConfig, node: FogNode, cloud_address: str,
+                 stop: threading.Event | None = None) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.stop = stop or threading.Event()
+        self.topics = Topics(cfg.run_id)
+        self.cloud = CloudClient(cloud_address)
+        self.announcements: queue.Queue[Announcement] = queue.Queue()
+        self.link = MqttLink(cfg.mqtt, f"{cfg.run_id}-{node.fog_id}", self.topics.status(node.fog_id))
+        self.link.subscribe(self.topics.rounds, self._on_round)
+        self.link.subscribe(self.topics.samples(node.fog_id), self._on_samples)
+
+    def _on_round(self, topic: str, payload: bytes) -> None:
+        ann = self.node.on_announcement(payload)
+        if ann is not None:
+            self.announcements.put(ann)
+
+    def _on_samples(self, topic: str, payload: bytes) -> None:
+        self.node.on_samples(payload)
+
+    def run(self) -> None:
+        self.cloud.wait_ready(timeout=60)
+        self.link.connect()
+        log.info("%s online (cloud %s, %d edges)", self.node.fog_id, self.cloud.address, len(self.node.edges))
+        while not self.stop.is_set() and not self.node.finished:
+            try:
+                ann = self.announcements.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if ann.round != self.node.last_round:
+                continue  # a newer announcement superseded it
+            try:
+                self._take_part(ann)
+            except (grpc.RpcError, WireError, RuntimeError) as exc:
+                detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+                log.error("%s round %d failed: %s", self.node.fog_id, ann.round, detail)
+
+    def _take_part(self, ann: Announcement) -> None:
+        header, payload = self.cloud.download(self.node.fog_id, ann.round)
+        for pub in self.node.on_model(header, payload):
+            self.link.publish(pub)
+        deadline = ann.acquisition.deadline_s
+        if not wait_until(lambda: self.node.acquisition_complete() or self.stop.is_set(), deadline):
+            got = len(self.node.delivered.get(ann.round, set()))
+            log.warning("%s round %d: %d/%d edges delivered before the %.0fs deadline; training on what arrived",
+                        self.node.fog_id, ann.round, got, len(self.node.edges), deadline)
+        if self.stop.is_set():
+            return
+        up_header, up_payload = self.node.train()
+        ack = self.cloud.upload(up_header, up_payload)
+        if ack.accepted:
+            log.info("%s round %d: update accepted (%d bytes)", self.node.fog_id, ann.round, len(up_payload))
+        else:
+            log.error("%s round %d: update rejected by the cloud: %s", self.node.fog_id, ann.round, ack.reason)
+
+    def close(self) -> None:
+        self.link.close()
+        self.cloud.close()
+
+
+def run_fog(cfg: RunConfig, fog_id: str, cloud_address: str, state_dir: Path | str | None = None,
+            truth_dir: Path | str | None = None, stop: threading.Event | None = None) -> FogNode:
+    node = FogNode(cfg, fog_id, state_dir=state_dir, truth_dir=truth_dir)
+    svc = FogService(cfg, node, cloud_address, stop)
+    try:
+        svc.run()
+    finally:
+        svc.close()
+    return node
+
+
