@@ -100,6 +100,7 @@ class CloudNode:
         self.labels: dict[str, int] = {}
         self.rejected_total = 0
         self._lock = threading.RLock()
+        self._arrived = threading.Condition(self._lock)  # notified on every accepted update
         self._warm_start()
         self.params = get_params(self.model)
         self._payload = encode_tensors(self.params)
@@ -211,6 +212,7 @@ class CloudNode:
                 rnd.aggregated += 1
             del update
             served = rnd.served.get(header.fog_id, self._payload)
+            self._arrived.notify_all()
         obs = UpdateObservation(header.fog_id, header.round, self.version, self.arch_json, served, header,
                                 payload, transformed)
         for observer in self.observers:
@@ -260,6 +262,14 @@ class CloudNode:
                 return True
             expired = time.monotonic() - rnd.started >= rnd.announcement.deadline_s
             return expired
+
+    def wait_round(self, stop: threading.Event | None = None, poll: float = 0.5) -> None:
+        """Block until :meth:`round_complete` (woken by each accepted update) or ``stop``."""
+        with self._arrived:
+            while not self.round_complete() and not (stop is not None and stop.is_set()):
+                rnd = self.current
+                left = rnd.announcement.deadline_s - (time.monotonic() - rnd.started) if rnd else poll
+                self._arrived.wait(timeout=max(0.001, min(poll, left)))
 
     def finish_round(self) -> RoundMetrics:
         with self._lock:

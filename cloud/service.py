@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 
@@ -115,8 +114,7 @@ class CloudService:
                 break
             ann = self.node.start_round()
             self.link.publish(Publish(self.topics.rounds, ann.to_json(), retain=True))
-            while not self.node.round_complete() and not self.stop.is_set():
-                time.sleep(0.02)
+            self.node.wait_round(self.stop)
             metrics = self.node.finish_round()
             self.node.write_metrics()
             self.link.publish(Publish(self.topics.metrics, metrics.to_json(), retain=True))

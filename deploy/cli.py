@@ -138,7 +138,20 @@ def cmd_edge(args: argparse.Namespace) -> int:
     cfg.edge_index(args.id)  # validates the id against the topology
     from edge.service import run_edge
 
-    run_edge(cfg, args.id, state_dir=args.state, stop=_stop_on_signals())
+    initial = None
+    if args.model:
+        try:
+            initial = (Path(args.model).read_bytes(), args.model)
+        except OSError as exc:
+            raise ConfigError(f"--model {args.model}: {exc.strerror or exc}") from None
+        from edge.classifier import OnnxClassifier
+        from kernel.errors import ModelError
+
+        try:
+            OnnxClassifier(initial[0])
+        except ModelError as exc:
+            raise ModelError(f"--model {args.model}: {exc}") from None
+    run_edge(cfg, args.id, state_dir=args.state, stop=_stop_on_signals(), initial_model=initial)
     return 0
 
 
@@ -221,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt", metavar="HOST:PORT")
     p.add_argument("--id", required=True, help="edge id, e.g. fog-0.edge-1")
     p.add_argument("--state", help="directory for the durable outbox")
+    p.add_argument("--model", metavar="FILE.onnx", help="start with this ONNX model as version 0 (e.g. the "
+                   "cloud's checkpoints/latest.onnx); the fog's models replace it")
     p.set_defaults(func=cmd_edge)
 
     p = sub.add_parser("tap", help="transparent gRPC proxy between fogs and the cloud that records updates")

@@ -62,7 +62,14 @@ class LocalBus:
 
 class InProcessEngine:
     def __init__(self, cfg: RunConfig, out_dir: Path | str | None = None, *, capture: bool = False,
-                 observers=None, serve_transform=None) -> None:
+                 observers=None, serve_transform=None, threads: int | None = 1) -> None:
+        """``threads`` caps torch's intra-op threads (1 by default: the models are small and
+        thread hand-offs cost more than they save, especially on a loaded machine; None keeps
+        torch's default)."""
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir else None
         observers = list(observers or [])
@@ -78,10 +85,12 @@ class InProcessEngine:
         self.bus = LocalBus()
         self.fogs: dict[str, FogNode] = {f: FogNode(cfg, f, truth_dir=truth_dir) for f in cfg.fog_ids()}
         self.edges: dict[str, EdgeNode] = {}
+        ds, splits = self.cloud.ds, self.cloud.splits  # computed once, shared by every edge
         for fog_id, fog in self.fogs.items():
             self.bus.subscribe(self.topics.samples(fog_id), fog.on_samples)
             for edge_id in cfg.edge_ids(fog_id):
-                edge = EdgeNode(cfg, edge_id)
+                # every returned message is delivered at once here: no outbox bookkeeping needed
+                edge = EdgeNode(cfg, edge_id, dataset=ds, splits=splits, track_delivery=False)
                 self.edges[edge_id] = edge
                 self.bus.subscribe(self.topics.edge_model(fog_id), edge.on_model)
                 self.bus.subscribe(self.topics.rounds, edge.on_announcement)

@@ -53,6 +53,7 @@ class FogNode:
         self.edge_bytes_down: dict[int, int] = {}
         self.rejected = 0
         self._lock = threading.Lock()
+        self._acquired = threading.Event()  # set when every edge delivered for the current round
 
     # ------------------------------------------------------------ messages in
     def on_announcement(self, payload: bytes) -> Announcement | None:
@@ -75,6 +76,9 @@ class FogNode:
             self.announcement = ann
             self.last_round = ann.round
             self.delivered.setdefault(ann.round, set())
+            self._acquired.clear()
+        if self.acquisition_complete():
+            self._acquired.set()
         return ann
 
     def on_model(self, header: pb.ModelHeader, payload: bytes) -> list[Publish]:
@@ -116,6 +120,8 @@ class FogNode:
                 self.edge_bytes_up[int(b.round)] = self.edge_bytes_up.get(int(b.round), 0) + len(payload)
         if not added:
             log.debug("duplicate batch %s/%d ignored", b.edge_id, b.seq)
+        if self.acquisition_complete():
+            self._acquired.set()
         return added
 
     def _check_batch(self, b: pb.SampleBatch, x: np.ndarray, y: np.ndarray) -> str | None:
@@ -150,6 +156,10 @@ class FogNode:
             return True
         with self._lock:
             return self.edges <= self.delivered.get(ann.round, set())
+
+    def wait_acquisition(self, timeout: float) -> bool:
+        """Block until every edge delivered for the current round (True) or ``timeout`` (False)."""
+        return self._acquired.wait(timeout) or self.acquisition_complete()
 
     def train(self) -> tuple[pb.UpdateHeader, bytes]:
         ann = self.announcement

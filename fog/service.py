@@ -13,7 +13,7 @@ import grpc
 from fog.node import FogNode
 from kernel.config import RunConfig
 from kernel.errors import ConnectError
-from kernel.mqtt import MqttLink, wait_until
+from kernel.mqtt import MqttLink
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import assemble_chunks, iter_chunks
@@ -99,7 +99,7 @@ class FogService:
         for pub in self.node.on_model(header, payload):
             self.link.publish(pub)
         deadline = ann.acquisition.deadline_s
-        if not wait_until(lambda: self.node.acquisition_complete() or self.stop.is_set(), deadline):
+        if not self.node.wait_acquisition(deadline):
             got = len(self.node.delivered.get(ann.round, set()))
             log.warning("%s round %d: %d/%d edges delivered before the %.0fs deadline; training on what arrived",
                         self.node.fog_id, ann.round, got, len(self.node.edges), deadline)

@@ -1,0 +1,179 @@
+"""run_edge over a real MQTT broker (the embedded amqtt broker of deploy/broker.py on a free
+loopback port): retained model + announcement in, SampleBatch out, outbox replay after a
+restart, liveness, and a one-line ConnectError when there is no broker."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+import torch
+
+from deploy.broker import EmbeddedBroker, free_port
+from edge.node import EdgeNode
+from edge.service import run_edge
+from kernel.config import RunConfig
+from kernel.errors import ConnectError
+from kernel.models import build_model, export_onnx
+from protos import fogfl_pb2 as pb
+from protos.codec import sha256_hex
+from protos.control import AcquisitionConfig, Announcement
+from protos.topics import Topics
+
+EDGE, FOG = "fog-0.edge-1", "fog-0"
+
+
+@pytest.fixture(scope="module")
+def broker():
+    b = EmbeddedBroker().start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def onnx() -> bytes:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = {"arch": "mlp", "in_shape": [1, 8, 8], "num_classes": 10, "hidden": 16}
+        return export_onnx(build_model(spec, seed=0), (1, 8, 8))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_cfg(run_id: str, port: int) -> RunConfig:
+    return RunConfig(run_id=run_id, mqtt={"host": "127.0.0.1", "port": port, "keepalive": 5})
+
+
+class Peer:
+    """The test's side of the broker: a paho client standing in for the fog and the cloud."""
+
+    def __init__(self, port: int, subscriptions: list[str]) -> None:
+        self.got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"peer-{time.monotonic_ns()}",
+                                  protocol=mqtt.MQTTv311)
+        ready = threading.Event()
+
+        def on_connect(client, userdata, flags, rc, props):
+            for t in subscriptions:
+                client.subscribe(t, qos=1)
+            ready.set()
+
+        self.client.on_connect = on_connect
+        self.client.on_message = lambda c, u, m: self.got.put((m.topic, bytes(m.payload)))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(10)
+        time.sleep(0.2)  # let the SUBACKs land
+
+    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def next(self, topic: str, timeout: float = 20.0) -> bytes:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                t, p = self.got.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if t == topic:
+                return p
+        raise AssertionError(f"nothing on {topic} within {timeout}s")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def announcement(run_id: str, round_: int, kind: str = "round") -> bytes:
+    return Announcement(run_id=run_id, kind=kind, round=round_, model_version=0, selected=[FOG],
+                        acquisition=AcquisitionConfig(budget=12, strategy="entropy", subset=100)).to_json()
+
+
+def start_edge(cfg: RunConfig, state_dir=None, stop=None):
+    result: dict = {}
+
+    def target():
+        try:
+            result["node"] = run_edge(cfg, EDGE, state_dir=state_dir, stop=stop, drain_s=5.0)
+        except BaseException as exc:  # surfaced by the test
+            result["error"] = exc
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    return th, result
+
+
+def batch(payload: bytes) -> pb.SampleBatch:
+    b = pb.SampleBatch()
+    b.ParseFromString(payload)
+    return b
+
+
+def test_round_trip_over_mqtt(broker, onnx):
+    cfg = make_cfg("svc-rt", broker.port)
+    topics = Topics(cfg.run_id)
+    peer = Peer(broker.port, [topics.samples(FOG), topics.status(EDGE)])
+    try:
+        # retained, as the fog and the cloud publish them: the edge finds both when it subscribes
+        peer.publish(topics.rounds, announcement(cfg.run_id, 1))
+        peer.publish(topics.edge_model(FOG), pb.EdgeModel(version=0, onnx=onnx, sha256=sha256_hex(onnx),
+                                                          arch="mlp").SerializeToString())
+        th, result = start_edge(cfg)
+        assert peer.next(topics.status(EDGE)) == b"online"
+        b1 = batch(peer.next(topics.samples(FOG)))
+        assert (b1.edge_id, b1.fog_id, b1.round, b1.seq, b1.strategy, len(b1.y)) == (EDGE, FOG, 1, 1, "entropy", 12)
+
+        peer.publish(topics.edge_model(FOG), b"garbage from the network")  # rejected, edge stays up
+        peer.publish(topics.rounds, announcement(cfg.run_id, 2))
+        b2 = batch(peer.next(topics.samples(FOG)))
+        assert (b2.round, b2.seq) == (2, 2) and not set(b2.sample_ids) & set(b1.sample_ids)
+
+        peer.publish(topics.rounds, announcement(cfg.run_id, 2, kind="done"))
+        th.join(20)
+        assert not th.is_alive() and "error" not in result
+        node = result["node"]
+        assert node.finished and node.labels_sent == 24 and node.rejected == 1 and len(node.outbox) == 0
+        assert peer.next(topics.status(EDGE)) == b"offline"
+    finally:
+        peer.publish(topics.rounds, b"", retain=True)  # clear retained messages
+        peer.publish(topics.edge_model(FOG), b"", retain=True)
+        peer.close()
+
+
+def test_pending_batches_are_resent_after_a_restart(broker, onnx, tmp_path):
+    cfg = make_cfg("svc-replay", broker.port)
+    topics = Topics(cfg.run_id)
+    # an earlier life of the edge made a batch but died before the broker acknowledged it
+    crashed = EdgeNode(cfg, EDGE, tmp_path)
+    crashed.on_model(pb.EdgeModel(version=0, onnx=onnx, sha256=sha256_hex(onnx)).SerializeToString())
+    (lost,) = crashed.on_announcement(announcement(cfg.run_id, 1))
+    assert len(list((tmp_path / "outbox").glob("*.msg"))) == 1
+
+    peer = Peer(broker.port, [topics.samples(FOG)])
+    stop = threading.Event()
+    try:
+        th, result = start_edge(cfg, state_dir=tmp_path, stop=stop)
+        got = peer.next(topics.samples(FOG))
+        assert got == lost.payload and batch(got).seq == 1
+        deadline = time.monotonic() + 10
+        while list((tmp_path / "outbox").glob("*.msg")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not list((tmp_path / "outbox").glob("*.msg"))  # acknowledged -> dropped from disk
+        stop.set()
+        th.join(20)
+        assert not th.is_alive() and "error" not in result
+        assert not result["node"].finished and result["node"].acted_rounds == [1]
+    finally:
+        stop.set()
+        peer.close()
+
+
+def test_unreachable_broker_is_a_one_line_connect_error():
+    cfg = make_cfg("svc-down", free_port())
+    with pytest.raises(ConnectError) as err:
+        run_edge(cfg, EDGE, connect_timeout=5)
+    assert "\n" not in str(err.value) and f"127.0.0.1:{cfg.mqtt.port}" in str(err.value)

@@ -1,0 +1,53 @@
+"""The in-process engine drives the same node objects as the network driver: same config and seed
+give the same per-round metrics (accuracy, labels used, bytes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deploy.cli import CONFIG_DIR
+from deploy.engine import InProcessEngine, LocalBus
+from kernel.config import load_config
+from protos.envelope import Publish
+from tests.helpers import fogfl
+
+
+def test_local_bus_retained_and_chained_delivery():
+    bus = LocalBus()
+    got = []
+    bus.publish(Publish("a", b"1", retain=True))
+    bus.subscribe("a", lambda p: got.append(("a", p)) or [Publish("b", p + b"!")])
+    bus.subscribe("b", lambda p: got.append(("b", p)))
+    assert got == [("a", b"1")]  # retained message delivered on subscribe; "b" had no subscriber yet
+    bus.publish(Publish("a", b"2"))
+    assert got[-2:] == [("a", b"2"), ("b", b"2!")]
+
+
+def test_demo_config_reaches_090_inprocess():
+    """The demo's defaults (digits, 2 fogs x 3 edges, 10 rounds) reach >= 0.90 test accuracy."""
+    cfg = load_config([CONFIG_DIR / "default.yaml"], use_env=False)
+    engine = InProcessEngine(cfg, None)
+    history = engine.run()
+    assert len(history) == cfg.rounds
+    assert history[-1].accuracy >= 0.90
+    assert history[-1].labels_used == cfg.rounds * cfg.num_edges() * cfg.acquisition.budget
+
+
+@pytest.mark.slow
+def test_network_and_inprocess_agree(tmp_path):
+    net_out, inp_out = tmp_path / "net", tmp_path / "inp"
+    for engine, out in (("network", net_out), ("inprocess", inp_out)):
+        proc = fogfl("run", "--config", "small", "--quiet", "--no-attack", "--engine", engine, "--out", str(out),
+                     timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((net_out / "metrics.json").read_text())
+    b = json.loads((inp_out / "metrics.json").read_text())
+    assert a["initial_accuracy"] == pytest.approx(b["initial_accuracy"], abs=1e-6)
+    assert len(a["rounds"]) == len(b["rounds"]) == 3
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-6)
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-4)
+        for key in ("labels_used", "bytes_up", "bytes_down", "edge_bytes_up", "edge_bytes_down", "updates"):
+            assert ra[key] == rb[key], key
