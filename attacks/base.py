@@ -70,9 +70,15 @@ def register(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
+ATTACK_MODULES = ("analytic", "rows", "gradient_matching", "mkor")
+
+
 def _load_all() -> None:
-    # Importing the modules registers their attacks.
-    from attacks import analytic, gradient_matching, mkor  # noqa: F401
+    """Importing the modules registers their attacks."""
+    import importlib
+
+    for mod in ATTACK_MODULES:
+        importlib.import_module(f"attacks.{mod}")
 
 
 def get_attack(name: str, **options: Any) -> Attack:
