@@ -17,6 +17,8 @@ from protos.control import AcquisitionConfig, TrainConfig
 from protos.topics import check_id
 
 ENV_PREFIX = "FOGFL_"
+# FOGFL_* variables that are settings of the tools, not config keys
+RESERVED_ENV = {"FOGFL_HOME", "FOGFL_LOG_LEVEL", "FOGFL_REQUIRE_MOSQUITTO"}
 
 
 class _Strict(BaseModel):
@@ -176,7 +178,7 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, A
     environ = os.environ if environ is None else environ
     out = []
     for k, v in environ.items():
-        if k.startswith(ENV_PREFIX) and k not in ("FOGFL_HOME", "FOGFL_LOG_LEVEL"):
+        if k.startswith(ENV_PREFIX) and k not in RESERVED_ENV:
             out.append((k[len(ENV_PREFIX):].lower().replace("__", "."), _parse_value(v)))
     return out
 
