@@ -34,7 +34,7 @@ from kernel.data import Dataset, Splits, load_dataset, make_splits
 from kernel.models import arch_spec, build_model, export_onnx, get_params, set_params
 from protos import fogfl_pb2 as pb
 from protos.codec import decode_tensors, encode_tensors, sha256_hex
-from protos.control import Announcement, RoundMetrics
+from protos.control import Announcement, RoundMetrics, TrainConfig
 from protos.errors import WireError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,10 @@ class UpdateObservation:
 
 
 Observer = Callable[[UpdateObservation], None]
-ServeTransform = Callable[[str, int, dict[str, np.ndarray], dict], "dict[str, np.ndarray] | None"]
+# (fog_id, round, global params, arch spec) -> None (serve the global model), or the parameters to
+# serve that fog instead, optionally with that fog's round config: (params, TrainConfig | None).
+ServeTransform = Callable[[str, int, dict[str, np.ndarray], dict],
+                          "dict[str, np.ndarray] | tuple[dict[str, np.ndarray], TrainConfig | None] | None"]
 
 
 @dataclass
@@ -67,6 +70,7 @@ class _Round:
     received: dict[str, pb.UpdateHeader] = field(default_factory=dict)
     served: dict[str, bytes] = field(default_factory=dict)  # fog -> payload actually served
     transformed: set[str] = field(default_factory=set)
+    train_override: dict[str, TrainConfig] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
     rejected: int = 0
@@ -172,17 +176,22 @@ class CloudNode:
         with self._lock:
             payload = self._payload
             rnd = self.current
+            train: TrainConfig | None = None
             if self.serve_transform is not None:
                 alt = self.serve_transform(fog_id, self.round_no, self.params, self.spec)
+                if isinstance(alt, tuple):
+                    alt, train = alt
                 if alt is not None:
                     payload = encode_tensors(alt)
             if rnd is not None:
                 if payload is not self._payload:
                     rnd.transformed.add(fog_id)
+                if train is not None:
+                    rnd.train_override[fog_id] = train
                 rnd.served[fog_id] = payload
                 rnd.bytes_down += len(payload)
             header = pb.ModelHeader(version=self.version, round=self.round_no, arch_json=self.arch_json,
-                                    total_bytes=len(payload))
+                                    total_bytes=len(payload), train_json=train.model_dump_json() if train else "")
             return header, payload
 
     def receive_update(self, header: pb.UpdateHeader, payload: bytes) -> pb.UploadAck:
@@ -191,7 +200,7 @@ class CloudNode:
             reason = self._check(header, rnd)
             if reason is None:
                 try:
-                    update = decode_tensors(payload)
+                    update = decode_tensors(payload, copy=False)  # read-only views: only read and folded in
                     self._check_shapes(update)
                 except WireError as exc:
                     reason = str(exc)
@@ -235,8 +244,9 @@ class CloudNode:
             return f"update is based on v{h.base_version}, the served model is v{self.version}"
         if h.update_kind not in ("delta", "gradient"):
             return f"unknown update kind {h.update_kind!r}"
-        if h.update_kind != rnd.announcement.train.update_kind:
-            return f"round {rnd.number} asked for {rnd.announcement.train.update_kind} updates, got {h.update_kind}"
+        asked = rnd.train_override.get(h.fog_id, rnd.announcement.train).update_kind
+        if h.update_kind != asked:
+            return f"round {rnd.number} asked {h.fog_id} for {asked} updates, got {h.update_kind}"
         if h.num_samples == 0:
             return "update computed on 0 samples"
         return None

@@ -111,8 +111,11 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         if args.target not in cfg.fog_ids():
             raise ConfigError(f"--target {args.target!r} is not a fog of this topology")
         from attacks.malicious import make_transform
+        from kernel.data import load_dataset, make_splits
 
-        transform = make_transform(args.malicious, args.target, seed=cfg.seed)
+        ds = load_dataset(cfg.data)  # the cloud's own data sets MKOR's brightness bins
+        aux = ds.x[make_splits(cfg, ds).test]
+        transform = make_transform(args.malicious, args.target, seed=cfg.seed, aux_x=aux, base_train=cfg.train)
         if not args.tap:
             from attacks.taps import CaptureRecorder
 

@@ -23,7 +23,7 @@ from kernel.models import build_model, export_onnx, set_params
 from protos import fogfl_pb2 as pb
 from protos.capture import write_truth
 from protos.codec import decode_tensors, encode_tensors, sha256_hex, tensor_from_pb
-from protos.control import Announcement
+from protos.control import Announcement, TrainConfig
 from protos.envelope import Publish
 from protos.errors import WireError
 from protos.topics import Topics
@@ -48,6 +48,7 @@ class FogNode:
         self.spec: dict | None = None
         self.served: dict[str, np.ndarray] | None = None
         self.model_version = -1
+        self.train_override: TrainConfig | None = None  # this round's config, if the cloud sent one
         self.delivered: dict[int, set[str]] = {}
         self.edge_bytes_up: dict[int, int] = {}
         self.edge_bytes_down: dict[int, int] = {}
@@ -88,11 +89,13 @@ class FogNode:
             params = decode_tensors(payload)
             model = build_model(spec)
             set_params(model, params)
-        except (ValueError, WireError) as exc:
-            raise WireError(f"model v{header.version} from the cloud is unusable: {exc}") from None
+            train = TrainConfig.model_validate_json(header.train_json) if header.train_json else None
+        except (ValueError, WireError) as exc:  # pydantic's ValidationError is a ValueError
+            raise WireError(f"model v{header.version} from the cloud is unusable: {str(exc).splitlines()[0]}") from None
         onnx = export_onnx(model, spec["in_shape"])
         with self._lock:
             self.spec, self.served, self.model_version = spec, params, int(header.version)
+            self.train_override = train
         msg = pb.EdgeModel(version=header.version, round=header.round, onnx=onnx, sha256=sha256_hex(onnx),
                            arch=spec.get("arch", ""))
         data = msg.SerializeToString()
@@ -165,12 +168,13 @@ class FogNode:
         ann = self.announcement
         if ann is None or self.served is None or self.spec is None:
             raise RuntimeError("train() before an announcement and a model")
-        x, y = self.pool.arrays(ann.round if ann.train.train_on == "round" else None)
+        train = self.train_override or ann.train
+        x, y = self.pool.arrays(ann.round if train.train_on == "round" else None)
         if len(y) == 0:
             raise RuntimeError(f"{self.fog_id}: no samples to train on in round {ann.round}")
         seed = int(np.random.default_rng([self.cfg.seed, ann.round, self.cfg.fog_ids().index(self.fog_id)])
                    .integers(2**31))
-        res = local_update(self.spec, self.served, x, y, ann.train, seed=seed)
+        res = local_update(self.spec, self.served, x, y, train, seed=seed)
         update = res.update
         defense = self.cfg.defense
         defense_json = ""
@@ -186,7 +190,7 @@ class FogNode:
         counts = np.bincount(y, minlength=self.spec["num_classes"])
         header = pb.UpdateHeader(
             fog_id=self.fog_id, round=ann.round, base_version=self.model_version, num_samples=res.num_samples,
-            update_kind=ann.train.update_kind, hparams=res.hparams, total_bytes=len(payload),
+            update_kind=train.update_kind, hparams=res.hparams, total_bytes=len(payload),
             labels_total=len(self.pool), edge_bytes_up=self.edge_bytes_up.get(ann.round, 0),
             edge_bytes_down=self.edge_bytes_down.get(ann.round, 0), defense=defense_json,
             train_loss=res.loss, label_counts={int(c): int(n) for c, n in enumerate(counts) if n},

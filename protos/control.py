@@ -26,7 +26,7 @@ class AcquisitionConfig(_Strict):
 class TrainConfig(_Strict):
     local_epochs: int = Field(2, ge=1)
     max_steps: int = Field(0, ge=0, description="stop after this many optimiser steps (0 = no cap)")
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.02, gt=0)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)

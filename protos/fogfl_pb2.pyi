@@ -91,16 +91,18 @@ class ModelRequest(_message.Message):
     def __init__(self, fog_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("version", "round", "arch_json", "total_bytes")
+    __slots__ = ("version", "round", "arch_json", "total_bytes", "train_json")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ARCH_JSON_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_JSON_FIELD_NUMBER: _ClassVar[int]
     version: int
     round: int
     arch_json: str
     total_bytes: int
-    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., arch_json: _Optional[str] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    train_json: str
+    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., arch_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., train_json: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("fog_id", "round", "base_version", "num_samples", "update_kind", "hparams", "total_bytes", "labels_total", "edge_bytes_up", "edge_bytes_down", "defense", "train_loss", "label_counts")
