@@ -58,7 +58,8 @@ def attack_capture(capture_path: str | Path, method: str, truth: str | Path | No
     out_dir = Path(out) if out else capture_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = capture_path.name.removesuffix(".fcap")
-    png = save_grid(out_dir / f"{stem}.{method}.png", tx, rec.x, rec.y, ty,
+    gtx, grx, gry, gty = matched_views(scores, rec.x, rec.y, tx, ty)
+    png = save_grid(out_dir / f"{stem}.{method}.png", gtx, grx, gry, gty,
                     title=f"{method} on {cap.fog_id} round {cap.round} ({cap.kind}, {cap.num_samples} samples)")
     js = save_scores(out_dir / f"{stem}.{method}.json", scores, rec.stats, capture=str(capture_path),
                      method=method, fog_id=cap.fog_id, round=cap.round)
@@ -68,6 +69,16 @@ def attack_capture(capture_path: str | Path, method: str, truth: str | Path | No
     print(line)
     print(f"grid: {png}\nscores: {js}")
     return {"scores": scores, "stats": rec.stats, "png": str(png), "json": str(js)}
+
+
+def matched_views(scores: dict | None, rec_x, rec_y, tx, ty, limit: int = 32):
+    """The matched (truth, reconstruction) pairs, best PSNR first, for a readable grid."""
+    if scores is None or tx is None or not scores.get("pairs"):
+        return tx, rec_x, rec_y, ty
+    pairs = sorted(scores["pairs"], key=lambda p: -p["psnr"])[:limit]
+    ri = [p["recon"] for p in pairs]
+    ti = [p["truth"] for p in pairs]
+    return tx[ti], rec_x[ri], (rec_y[ri] if rec_y is not None else None), (ty[ti] if ty is not None else None)
 
 
 def describe(scores: dict) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from attacks.cli import best_of, describe
+from attacks.cli import best_of, describe, matched_views
 from attacks.report import save_grid, save_scores
 from protos.capture import CaptureError, read_capture, read_truth, truth_path
 
@@ -47,14 +47,15 @@ def leakage_check(captures_dir: Path, out_dir: Path, progress: bool = False, met
     _, path, cap, method, rec, scores, tx, ty = best
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = path.name.removesuffix(".fcap")
-    png = save_grid(out_dir / f"{stem}.{method}.png", tx, rec.x, rec.y, ty,
+    gtx, grx, gry, gty = matched_views(scores, rec.x, rec.y, tx, ty)
+    png = save_grid(out_dir / f"{stem}.{method}.png", gtx, grx, gry, gty,
                     title=f"{method}: curious cloud vs {cap.fog_id}, round {cap.round}")
     js = save_scores(out_dir / f"{stem}.{method}.json", scores, rec.stats, capture=str(path), method=method)
     total = sum(r["recovered"] for r in per_update)
-    seen = sum(r["num_samples"] for r in per_update)
+    sizes = [r["num_samples"] for r in per_update]
     summary = (f"curious cloud recovered {scores['recovered']}/{cap.num_samples} samples of {cap.fog_id}, "
-               f"round {cap.round}, ≥ 30 dB ({method} on a {cap.kind} update); over all {len(per_update)} "
-               f"updates: {total} exact samples out of {seen} trained on")
+               f"round {cap.round}, ≥ 30 dB ({method} on a {cap.kind} update); {total} samples recovered "
+               f"≥ 30 dB across all {len(per_update)} updates (each trained on {min(sizes)}–{max(sizes)} samples)")
     return {"best": {"capture": str(path), "method": method, "fog_id": cap.fog_id, "round": cap.round,
                      "num_samples": cap.num_samples, "detail": describe(scores),
                      "scores": {k: v for k, v in scores.items() if k != "pairs"}, "grid": str(png), "json": str(js)},
