@@ -101,7 +101,7 @@ class Fed2Net(nn.Module):
         for name, _ in self.named_parameters():
             if name.startswith("shared."):
                 out[name] = [(SHARED, None)]
-            elif name.startswith(("split.", "gconv.")):
+            elif name.startswith(GROUPED_CONVS):
                 out[name] = [(j, slice(j * gw, (j + 1) * gw)) for j in range(self.groups)]
             elif name.startswith("heads."):
                 out[name] = [(int(name.split(".")[1]), None)]
@@ -113,6 +113,9 @@ class Fed2Net(nn.Module):
 @register_arch("fed2")
 def _fed2(spec: dict) -> nn.Module:
     return Fed2Net(spec)
+
+
+GROUPED_CONVS = ("split.", "gconv.")  # name prefixes of the grouped convolutions (the group features)
 
 
 def fed2_param_groups(spec: Mapping) -> dict[str, list[tuple[int, slice | None]]]:

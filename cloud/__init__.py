@@ -1,0 +1,1 @@
+"""Cloud tier: round scheduler, aggregation strategies, gRPC service, checkpoints and ONNX export."""
