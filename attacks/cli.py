@@ -24,6 +24,16 @@ def _coerce(v: str):
         return v
 
 
+BUILTIN_PRIORS = ("digits", "mnist5k")
+
+
+def prior_for(cap: Capture) -> str | None:
+    """The dataset-mean prior for relative leakage when the capture names a built-in dataset;
+    otherwise None (scoring then uses the ground-truth batch mean, and says so)."""
+    name = cap.arch.get("dataset")
+    return name if name in BUILTIN_PRIORS else None
+
+
 def run_attack(capture: Capture, method: str, options: dict | None = None, progress: bool = False) -> Reconstruction:
     attack = get_attack(method, **{k: _coerce(v) if isinstance(v, str) else v for k, v in (options or {}).items()})
     if not progress:
@@ -54,7 +64,7 @@ def attack_capture(capture_path: str | Path, method: str, truth: str | Path | No
     if tx is not None:
         if tx.shape[1:] != rec.x.shape[1:]:
             raise AttackError(f"ground truth images {tx.shape[1:]} do not match the capture's {rec.x.shape[1:]}")
-        scores = score(rec.x, rec.y, tx, ty, prior=cap.arch.get("dataset"))
+        scores = score(rec.x, rec.y, tx, ty, prior=prior_for(cap))
     out_dir = Path(out) if out else capture_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = capture_path.name.removesuffix(".fcap")
@@ -100,7 +110,7 @@ def best_of(capture: Capture, tx: np.ndarray, ty: np.ndarray, methods: list[str]
         except AttackError as exc:
             log.info("%s does not apply: %s", m, exc)
             continue
-        s = score(rec.x, rec.y, tx, ty)
+        s = score(rec.x, rec.y, tx, ty, prior=prior_for(capture))
         key = (s["recovered"], s["psnr_mean"] or 0.0)
         if best is None or key > best[0]:
             best = (key, m, rec, s)

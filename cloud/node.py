@@ -93,6 +93,7 @@ class CloudNode:
         self.ds: Dataset = load_dataset(cfg.data)
         self.splits: Splits = make_splits(cfg, self.ds)
         self.spec = arch_spec(cfg.model, self.ds.shape, self.ds.num_classes)
+        self.spec["dataset"] = cfg.data.dataset  # informational: lets scoring use the dataset-mean prior
         self.arch_json = json.dumps(self.spec)
         self.fog_ids = cfg.fog_ids()
         self.rng = np.random.default_rng([cfg.seed, 0xC10D])
@@ -108,6 +109,7 @@ class CloudNode:
         self._warm_start()
         self.params = get_params(self.model)
         self._payload = encode_tensors(self.params)
+        self._payload_sha256 = sha256_hex(self._payload)  # once per version, not per download
         self.strategy = make_strategy(cfg.cloud, cfg.train)
         self.initial_accuracy, self.initial_loss = self.evaluate()
         log.info("cloud ready: %s, %d params, initial accuracy %.3f", self.spec["arch"],
@@ -193,6 +195,12 @@ class CloudNode:
             header = pb.ModelHeader(version=self.version, round=self.round_no, arch_json=self.arch_json,
                                     total_bytes=len(payload), train_json=train.model_dump_json() if train else "")
             return header, payload
+
+    def payload_sha256(self, payload: bytes) -> str | None:
+        """The sha256 (hex) of ``payload`` if it is the global model's payload (hashed once per
+        version), else None (e.g. a payload transformed for one fog)."""
+        with self._lock:
+            return self._payload_sha256 if payload is self._payload else None
 
     def receive_update(self, header: pb.UpdateHeader, payload: bytes) -> pb.UploadAck:
         with self._lock:
@@ -290,6 +298,7 @@ class CloudNode:
                 self.params = self.strategy.end_round(self.cfg.train.lr)
                 set_params(self.model, self.params)
                 self._payload = encode_tensors(self.params)
+                self._payload_sha256 = sha256_hex(self._payload)
                 self.version += 1
             else:
                 log.warning("round %d closed with %d/%d updates (min %d): model kept at v%d", rnd.number,
@@ -318,7 +327,7 @@ class CloudNode:
         np.savez(d / "latest.npz", **self.params)
         (d / "latest.onnx").write_bytes(self.onnx_bytes())
         (d / "latest.json").write_text(json.dumps({"version": self.version, "round": self.round_no,
-                                                   "arch": self.spec, "sha256": sha256_hex(self._payload)}))
+                                                   "arch": self.spec, "sha256": self._payload_sha256}))
 
     def metrics_document(self) -> dict:
         return {
