@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from kernel.errors import ConnectError
 from kernel.mqtt import MqttLink, wait_until
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
-from protos.codec import assemble_chunks, iter_chunks
+from protos.codec import (
+    PayloadDigest,
+    assemble_chunks,
+    chunk_frames,
+    iter_chunks,
+    parse_chunk,
+    serialize_chunk,
+)
 from protos.envelope import Publish
 from protos.errors import WireError
 from protos.topics import Topics
@@ -27,14 +35,34 @@ SERVICE_NAME = "fogfl.Aggregator"
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
+    """The Aggregator service of a :class:`CloudNode`.
+
+    :func:`start_grpc_server` registers it with pass-through (de)serializers: the download goes
+    out as pre-serialized frames (:meth:`download_frames`) and uploaded data chunks arrive as
+    zero-copy views (:func:`parse_chunk`); the bytes on the wire are the same protobuf messages
+    as with the generated registration (``add_AggregatorServicer_to_server``), which works too.
+    """
+
     def __init__(self, node: CloudNode) -> None:
         self.node = node
         self.rejected = 0
 
-    def DownloadModel(self, request: pb.ModelRequest, context):  # noqa: N802 (gRPC naming)
+    def _served(self, request: pb.ModelRequest) -> tuple[pb.ModelHeader, bytes, str | PayloadDigest]:
         header, payload = self.node.serve_model(request.fog_id, request.round)
         log.debug("serving v%d (%d bytes) to %s", header.version, len(payload), request.fog_id)
-        yield from iter_chunks(pb.Chunk(model_header=header), payload)
+        known = self.node.payload_sha256(payload)  # the global model: hashed once per version
+        # else a payload a serve hook made for this fog: hashed in the background while it streams
+        return header, payload, known if known is not None else PayloadDigest(payload)
+
+    def DownloadModel(self, request: pb.ModelRequest, context):  # noqa: N802 (gRPC naming)
+        header, payload, digest = self._served(request)
+        yield from iter_chunks(pb.Chunk(model_header=header), payload,
+                               sha256=digest if isinstance(digest, str) else digest.hexdigest())
+
+    def download_frames(self, request: pb.ModelRequest, context) -> Iterator[bytes]:
+        """DownloadModel as serialized ``Chunk`` messages (for the pass-through serializer)."""
+        header, payload, digest = self._served(request)
+        yield from chunk_frames(pb.Chunk(model_header=header), payload, sha256=digest)
 
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
         try:
@@ -46,11 +74,27 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return self.node.receive_update(header, payload)
 
 
+def _aggregator_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "DownloadModel": grpc.unary_stream_rpc_method_handler(
+            servicer.download_frames, request_deserializer=pb.ModelRequest.FromString,
+            response_serializer=serialize_chunk),
+        "UploadUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.UploadUpdate, request_deserializer=parse_chunk,
+            response_serializer=pb.UploadAck.SerializeToString),
+    })
+
+
 def start_grpc_server(servicer: pb_grpc.AggregatorServicer, host: str, port: int,
                       workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Bind, register the Aggregator and the health service, start. Port 0 picks a free port."""
+    """Bind, register the Aggregator and the health service, start. Port 0 picks a free port.
+    An :class:`AggregatorServicer` gets the zero-copy registration; any other servicer the
+    generated one."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    pb_grpc.add_AggregatorServicer_to_server(servicer, server)
+    if isinstance(servicer, AggregatorServicer):
+        server.add_generic_rpc_handlers((_aggregator_handler(servicer),))
+    else:
+        pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

@@ -16,7 +16,7 @@ from kernel.errors import ConnectError
 from kernel.mqtt import MqttLink
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
-from protos.codec import assemble_chunks, iter_chunks
+from protos.codec import assemble_chunks, chunk_frames, parse_chunk, serialize_chunk
 from protos.control import Announcement
 from protos.errors import WireError
 from protos.topics import Topics
@@ -25,13 +25,23 @@ log = logging.getLogger(__name__)
 
 
 class CloudClient:
-    """gRPC client of the cloud's Aggregator service (1 MiB chunk streams both ways)."""
+    """gRPC client of the cloud's Aggregator service (1 MiB chunk streams both ways).
+
+    The two methods are called with pass-through (de)serializers: uploaded chunks go out as
+    pre-serialized frames (:func:`chunk_frames`) and downloaded data chunks arrive as zero-copy
+    views (:func:`parse_chunk`). The messages on the wire are the generated stubs' ``Chunk``s."""
 
     def __init__(self, address: str, timeout: float = 120.0) -> None:
         self.address = address
         self.timeout = timeout
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.AggregatorStub(self.channel)
+        self._download = self.channel.unary_stream(
+            "/fogfl.Aggregator/DownloadModel", request_serializer=pb.ModelRequest.SerializeToString,
+            response_deserializer=parse_chunk)
+        self._upload = self.channel.stream_unary(
+            "/fogfl.Aggregator/UploadUpdate", request_serializer=serialize_chunk,
+            response_deserializer=pb.UploadAck.FromString)
         self.bytes_down = 0
         self.bytes_up = 0
 
@@ -42,13 +52,14 @@ class CloudClient:
             raise ConnectError(f"cloud at {self.address} did not answer within {timeout:.0f}s") from None
 
     def download(self, fog_id: str, round_: int) -> tuple[pb.ModelHeader, bytes]:
-        chunks = self.stub.DownloadModel(pb.ModelRequest(fog_id=fog_id, round=round_), timeout=self.timeout)
+        chunks = self._download(pb.ModelRequest(fog_id=fog_id, round=round_), timeout=self.timeout)
         header, payload = assemble_chunks(chunks, "model_header")
         self.bytes_down += len(payload)
         return header, payload
 
     def upload(self, header: pb.UpdateHeader, payload: bytes) -> pb.UploadAck:
-        ack = self.stub.UploadUpdate(iter_chunks(pb.Chunk(update_header=header), payload), timeout=self.timeout)
+        frames = chunk_frames(pb.Chunk(update_header=header), payload)
+        ack = self._upload(frames, timeout=self.timeout)
         self.bytes_up += len(payload)
         return ack
 

@@ -11,16 +11,18 @@ Two ways to put a stream on the wire, byte for byte the same protobuf:
   0x1A, varint length, bytes) with a single copy, for a gRPC method registered with an identity
   serializer; :func:`parse_chunk` is the matching deserializer, which turns a data chunk into a
   zero-copy ``memoryview`` of its bytes. :func:`assemble_chunks` accepts those views as data chunks.
+
+The receiver hashes each chunk as it arrives and writes it straight into the final ``bytes``
+object (see :class:`_PayloadBuffer`); :func:`decode_tensors` reads the canonical encoding in place
+(``copy=False``: read-only views, no copy at all). Each of protobuf message construction, a
+``bytes(memoryview)`` slice and ``bytearray`` growth plus a final ``bytes()`` would be a full copy
+of a 50 MB model; these paths make none beyond the one into the received payload.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import math
-import mmap
-import queue
-import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -34,7 +36,7 @@ CHUNK_SIZE = 1 << 20  # 1 MiB
 MAX_PAYLOAD_BYTES = 2 << 30  # refuse anything claiming more than 2 GiB
 _ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"}
 _DATA_TAG = 0x1A  # Chunk.data: field 3, wire type 2 (length-delimited)
-# Below this many bytes a stream is hashed inline; above, by a helper thread while it moves.
+# chunk_frames hashes a payload at least this big in a helper thread while the frames go out.
 _THREADED_HASH_BYTES = 8 << 20
 
 
@@ -68,7 +70,7 @@ def _array(name: str, shape_in: Iterable[int], dtype_name: str, data, offset: in
     except ValueError:  # e.g. an empty tensor whose other dimensions exceed numpy's limits
         raise WireError(f"tensor {name!r}: shape {shape} is not representable") from None
     native = dtype.newbyteorder("=")
-    if copy or arr.dtype != native:
+    if copy or arr.dtype != native or not arr.flags.aligned:
         return arr.astype(native, copy=True)
     return arr
 
@@ -87,19 +89,26 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
 def decode_tensors(payload: bytes, *, copy: bool = True) -> dict[str, np.ndarray]:
     """Inverse of :func:`encode_tensors`. Raises WireError on anything malformed.
 
-    ``copy=False`` returns read-only arrays that are views into ``payload`` (no copy of the data)
-    when the payload is in the canonical encoding that :func:`encode_tensors` writes; anything
-    else goes through the full protobuf parser, so values and errors are the same either way.
+    The canonical encoding (what :func:`encode_tensors` writes) is read in place: one copy of the
+    data per tensor, none of protobuf's. Any other valid or invalid encoding goes through the
+    protobuf parser, so values and errors are the same either way.
+
+    ``copy=False`` returns read-only views into ``payload`` instead of owned arrays, for a reader
+    that only reads; a tensor whose bytes are not aligned for its dtype (BLAS and fast numpy loops
+    need that) is still copied.
     """
-    if not copy:
-        spans = _scan_tensor_set(payload)
-        if spans is not None:
-            out: dict[str, np.ndarray] = {}
-            for name, shape, dtype_name, offset, nbytes in spans:
-                if name in out:
-                    raise WireError(f"tensor {name!r} appears twice in the payload")
-                out[name] = _array(name, shape, dtype_name, payload, offset, nbytes, copy=False)
-            return out
+    spans = _scan_tensor_set(payload)
+    if spans is None:
+        return _parse_tensors(payload, copy)
+    out: dict[str, np.ndarray] = {}
+    for name, shape, dtype_name, offset, nbytes in spans:
+        if name in out:
+            raise WireError(f"tensor {name!r} appears twice in the payload")
+        out[name] = _array(name, shape, dtype_name, payload, offset, nbytes, copy=copy)
+    return out
+
+
+def _parse_tensors(payload: bytes, copy: bool) -> dict[str, np.ndarray]:
     ts = pb.TensorSet()
     try:
         ts.ParseFromString(payload)
@@ -108,7 +117,7 @@ def decode_tensors(payload: bytes, *, copy: bool = True) -> dict[str, np.ndarray
     # protobuf skips fields it does not know, so some garbage parses as an empty set: refuse it.
     if len(UnknownFieldSet(ts)) or any(len(UnknownFieldSet(t)) for t in ts.tensors):
         raise WireError("payload is not a TensorSet (unknown fields)")
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for t in ts.tensors:
         if t.name in out:
             raise WireError(f"tensor {t.name!r} appears twice in the payload")
@@ -245,13 +254,13 @@ def chunk_frames(header: pb.Chunk, payload: bytes, chunk_size: int = CHUNK_SIZE,
     :class:`PayloadDigest` under way); otherwise it is computed alongside the frames."""
     yield header.SerializeToString()
     view = memoryview(payload).cast("B")
-    digest: str | PayloadDigest | hashlib._Hash
+    digest: str | PayloadDigest
     if sha256:
         digest = sha256
     elif len(view) >= _THREADED_HASH_BYTES:
         digest = PayloadDigest(view)
     else:
-        digest = hashlib.sha256(view)
+        digest = sha256_hex(view)
     prefix = _data_prefix(chunk_size)
     for start in range(0, len(view), chunk_size):
         piece = view[start : start + chunk_size]
@@ -278,130 +287,26 @@ def serialize_chunk(item: pb.Chunk | bytes) -> bytes:
     return item if isinstance(item, bytes) else item.SerializeToString()
 
 
-def _bytes_writer() -> tuple[object, object] | None:
-    """(PyBytes_FromStringAndSize, madvise or None) on CPython; None elsewhere."""
-    if sys.implementation.name != "cpython":
-        return None
-    try:
-        new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-        new_bytes.restype = ctypes.py_object
-        new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-    except (AttributeError, OSError):  # pragma: no cover - an embedded or unusual CPython
-        return None
-    madvise = None
-    if sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            madvise = ctypes.CDLL(None).madvise
-            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            madvise.restype = ctypes.c_int
-        except (AttributeError, OSError):  # pragma: no cover
-            madvise = None
-    return new_bytes, madvise
-
-
-_BYTES_WRITER = _bytes_writer()
-_HUGE = 2 << 20  # transparent huge page size on x86-64 and most arm64 kernels
-_IN_PLACE_BYTES = 1 << 20  # smaller payloads are simply joined
-
-
 class _PayloadBuffer:
-    """Where a received payload is assembled without extra copies.
-
-    For a payload of ``total`` bytes (>= 1 MiB, CPython) it is a fresh ``bytes`` object of that
-    size, allocated uninitialised and written in place as the chunks arrive, as C code does
-    before an object is shared: one copy of the data and no final ``bytes()`` copy. It is handed
-    out only once every byte was written. Its interior is advised onto transparent huge pages
-    where Linux allows it (a fresh 50 MB buffer otherwise takes some 12 000 page faults, which
-    cost as much as the copy). Elsewhere the chunks are kept and joined at the end.
-    """
+    """Where a received payload is assembled: the chunks are kept (views, no copy) and joined once
+    at the end, so the payload is copied exactly once. Mutating a ``bytes`` object in place, or
+    allocating it uninitialised through ctypes, would save that copy at the price of relying on
+    CPython internals in the wire layer; we do not."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.size = 0
         self._parts: list[bytes | memoryview] = []
-        self._out: bytes | None = None
-        self._dst: np.ndarray | None = None
-        if _BYTES_WRITER is None or total < _IN_PLACE_BYTES:
-            return
-        new_bytes, madvise = _BYTES_WRITER
-        try:
-            out = new_bytes(None, total)
-        except MemoryError:  # the address space is short; grow as the data arrives instead
-            return
-        addr = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
-        assert addr is not None
-        if madvise is not None:
-            lo, hi = -(-addr // _HUGE) * _HUGE, (addr + total) // _HUGE * _HUGE
-            if hi > lo:
-                madvise(lo, hi - lo, mmap.MADV_HUGEPAGE)  # advice only: failure changes nothing
-        self._out = out
-        self._dst = np.frombuffer((ctypes.c_char * total).from_address(addr), dtype=np.uint8)
 
     def write(self, data: bytes | memoryview) -> None:
-        n = len(data)
-        if self._dst is not None:
-            if n:
-                self._dst[self.size : self.size + n] = np.frombuffer(data, dtype=np.uint8)  # GIL released
-        else:
-            self._parts.append(data)
-        self.size += n
+        self._parts.append(data)
+        self.size += len(data)
 
     def getvalue(self) -> bytes:
         assert self.size == self.total, "payload buffer read before it was complete"
-        if self._out is not None:
-            out, self._out, self._dst = self._out, None, None
-            return out
-        return b"".join(self._parts)
-
-
-class _Sink:
-    """Hashes and stores the data chunks of one stream. For a big payload a helper thread does
-    both (hashlib and the numpy copy release the GIL), so the receiving thread goes straight back
-    to gRPC for the next chunk while the last one is hashed and copied."""
-
-    _END = None
-
-    def __init__(self, total: int) -> None:
-        self.buf = _PayloadBuffer(total)
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self._error: BaseException | None = None
-        self._queue: queue.SimpleQueue[bytes | memoryview | None] | None = None
-        self._thread: threading.Thread | None = None
-        if total >= _THREADED_HASH_BYTES:
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._drain, name="chunk-sink", daemon=True)
-            self._thread.start()
-
-    def _take(self, data: bytes | memoryview) -> None:
-        self.digest.update(data)
-        self.buf.write(data)
-
-    def _drain(self) -> None:
-        assert self._queue is not None
-        while (data := self._queue.get()) is not self._END:
-            if self._error is None:
-                try:
-                    self._take(data)
-                except BaseException as exc:  # pragma: no cover - re-raised by finish()
-                    self._error = exc
-
-    def put(self, data: bytes | memoryview) -> None:
-        self.size += len(data)
-        if self._queue is None:
-            self._take(data)
-        else:
-            self._queue.put(data)
-
-    def close(self) -> None:
-        """Wait until every chunk put so far is hashed and stored (idempotent)."""
-        if self._thread is not None:
-            assert self._queue is not None
-            self._queue.put(self._END)
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            raise self._error
+        out = b"".join(self._parts)
+        self._parts = []
+        return out
 
 
 def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -> tuple[object, bytes]:
@@ -422,32 +327,32 @@ def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) 
     total = int(header.total_bytes)
     if total > MAX_PAYLOAD_BYTES:
         raise WireError(f"header announces {total} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit")
-    sink = _Sink(total)
-    try:
-        trailer = None
-        for chunk in it:
-            if isinstance(chunk, memoryview):
-                kind, data = "data", chunk
-            else:
-                kind = chunk.WhichOneof("part")
-                data = chunk.data if kind == "data" else b""
-            if trailer is not None:
-                raise WireError("data after the trailer")
-            if kind == "data":
-                if sink.size + len(data) > total:
-                    raise WireError(f"stream carries more than the {total} bytes its header announced")
-                sink.put(data)
-            elif kind == "trailer":
-                trailer = chunk.trailer  # type: ignore[union-attr]
-            else:
-                raise WireError(f"unexpected {kind} chunk inside a stream")
-    finally:
-        sink.close()
+    buf = _PayloadBuffer(total)
+    digest = hashlib.sha256()
+    trailer = None
+    for chunk in it:
+        if isinstance(chunk, memoryview):
+            kind, data = "data", chunk
+        else:
+            kind = chunk.WhichOneof("part")
+            data = chunk.data if kind == "data" else b""
+        if trailer is not None:
+            raise WireError("data after the trailer")
+        if kind == "data":
+            if buf.size + len(data) > total:
+                raise WireError(f"stream carries more than the {total} bytes its header announced")
+            # Both release the GIL on a 1 MiB chunk: gRPC's threads keep receiving meanwhile.
+            digest.update(data)
+            buf.write(data)
+        elif kind == "trailer":
+            trailer = chunk.trailer  # type: ignore[union-attr]
+        else:
+            raise WireError(f"unexpected {kind} chunk inside a stream")
     if trailer is None:
         raise WireError("stream ended without a sha256 trailer (truncated)")
-    if sink.size != total:
-        raise WireError(f"stream carried {sink.size} bytes, header announced {total}")
-    computed = sink.digest.hexdigest()
+    if buf.size != total:
+        raise WireError(f"stream carried {buf.size} bytes, header announced {total}")
+    computed = digest.hexdigest()
     if computed != trailer.sha256:
         raise ChecksumError(f"sha256 mismatch: computed {computed[:12]}…, trailer says {trailer.sha256[:12]}…")
-    return header, sink.buf.getvalue()
+    return header, buf.getvalue()

@@ -1,0 +1,324 @@
+"""Model download / update upload over the real gRPC service with the pass-through (de)serializers
+(protos.codec chunk_frames / parse_chunk, cloud.service, fog.service.CloudClient): the bytes on the
+wire are the generated stubs' ``Chunk`` messages, so either side may be the generated one; the
+receiver still checks size and sha256; the zero-copy decode gives the same tensors as the copying
+one."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from cloud.node import CloudNode
+from cloud.service import AggregatorServicer, start_grpc_server
+from fog.service import CloudClient
+from kernel.config import build_config
+from protos import fogfl_pb2 as pb
+from protos import fogfl_pb2_grpc as pb_grpc
+from protos.codec import (
+    CHUNK_SIZE,
+    assemble_chunks,
+    chunk_frames,
+    decode_tensors,
+    encode_data_chunk,
+    encode_tensors,
+    iter_chunks,
+    parse_chunk,
+    sha256_hex,
+)
+from protos.errors import ChecksumError, WireError
+
+GRPC_DEFAULT_LIMIT = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def node() -> CloudNode:
+    # mnist 784 -> 1600 -> 10: 1.27 M parameters, a 5.1 MB payload (> gRPC's 4 MiB default limit)
+    cfg = build_config([], [("data.dataset", "mnist5k"), ("model.hidden", 1600), ("cloud.warm_start.per_class", 0),
+                            ("topology.fogs", 1), ("rounds", 100)], use_env=False)
+    n = CloudNode(cfg)
+    assert len(n.serve_model("fog-0")[1]) > GRPC_DEFAULT_LIMIT
+    return n
+
+
+@pytest.fixture(scope="module")
+def fast_server(node):
+    """The cloud's own server: AggregatorServicer with the pass-through registration."""
+    server, port, _ = start_grpc_server(AggregatorServicer(node), "127.0.0.1", 0)
+    yield port
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def generated_server(node):
+    """The same servicer registered by the generated add_AggregatorServicer_to_server."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(node), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(0)
+
+
+def _update_header(node: CloudNode, payload: bytes) -> pb.UpdateHeader:
+    return pb.UpdateHeader(fog_id="fog-0", round=node.round_no, base_version=node.version, num_samples=7,
+                           update_kind="delta", total_bytes=len(payload), labels_total=7)
+
+
+def _round_trip(node: CloudNode, download, upload) -> None:
+    """One round: the model downloaded equals the one served; an uploaded delta of +0.25 lands
+    in the new global model (FedAvg of one update = global + delta)."""
+    node.start_round()
+    header, payload = download()
+    served = node.serve_model("fog-0")[1]
+    assert type(payload) is bytes and payload == served
+    assert header.version == node.version and header.total_bytes == len(payload)
+    before = decode_tensors(payload)
+    delta = {k: np.full_like(v, 0.25) for k, v in before.items()}
+    up = encode_tensors(delta)
+    ack = upload(_update_header(node, up), up)
+    assert ack.accepted, ack.reason
+    node.finish_round()
+    for k, v in node.params.items():
+        np.testing.assert_allclose(v, before[k] + np.float32(0.25), rtol=0, atol=1e-6)
+
+
+def test_fast_client_round_trip_through_the_cloud_server(node, fast_server):
+    client = CloudClient(f"127.0.0.1:{fast_server}")
+    try:
+        client.wait_ready(10)
+        _round_trip(node, lambda: client.download("fog-0", node.round_no), client.upload)
+        assert client.bytes_down > GRPC_DEFAULT_LIMIT and client.bytes_up > GRPC_DEFAULT_LIMIT
+    finally:
+        client.close()
+
+
+def test_generated_stub_client_round_trip_through_the_cloud_server(node, fast_server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{fast_server}")
+    stub = pb_grpc.AggregatorStub(channel)
+
+    def download():
+        chunks = list(stub.DownloadModel(pb.ModelRequest(fog_id="fog-0", round=node.round_no), timeout=30))
+        assert all(isinstance(c, pb.Chunk) for c in chunks) and len(chunks) >= 2 + 4
+        return assemble_chunks(chunks, "model_header")
+
+    def upload(h, payload):
+        return stub.UploadUpdate(iter_chunks(pb.Chunk(update_header=h), payload), timeout=30)
+
+    try:
+        _round_trip(node, download, upload)
+    finally:
+        channel.close()
+
+
+def test_fast_client_round_trip_through_a_generated_registration(node, generated_server):
+    client = CloudClient(f"127.0.0.1:{generated_server}")
+    try:
+        _round_trip(node, lambda: client.download("fog-0", node.round_no), client.upload)
+    finally:
+        client.close()
+
+
+def test_corrupted_upload_is_rejected_and_not_aggregated(node, fast_server):
+    node.start_round()
+    payload = encode_tensors({k: np.ones_like(v) for k, v in node.params.items()})
+    frames = list(chunk_frames(pb.Chunk(update_header=_update_header(node, payload)), payload))
+    bad = bytearray(frames[3])
+    bad[100] ^= 0xFF  # a flipped bit inside a data chunk: still valid protobuf, same size
+    frames[3] = bytes(bad)
+    channel = grpc.insecure_channel(f"127.0.0.1:{fast_server}")
+    raw_upload = channel.stream_unary("/fogfl.Aggregator/UploadUpdate", request_serializer=lambda b: b,
+                                      response_deserializer=pb.UploadAck.FromString)
+    try:
+        ack = raw_upload(iter(frames), timeout=30)
+    finally:
+        channel.close()
+    assert not ack.accepted and "sha256" in ack.reason
+    assert node.current is not None and not node.current.received  # nothing reached the node
+    node.finish_round()
+
+
+class _CorruptingServicer(AggregatorServicer):
+    def download_frames(self, request, context):
+        for i, frame in enumerate(super().download_frames(request, context)):
+            yield frame[:-1] + bytes([frame[-1] ^ 1]) if i == 2 else frame
+
+
+def test_corrupted_download_raises_checksum_error(node):
+    server, port, _ = start_grpc_server(_CorruptingServicer(node), "127.0.0.1", 0)
+    client = CloudClient(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(ChecksumError, match="sha256"):
+            client.download("fog-0", node.round_no)
+    finally:
+        client.close()
+        server.stop(0)
+
+
+# --------------------------------------------------------------------------- frames on the wire
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 2_097_151, 2_097_152, CHUNK_SIZE])
+def test_hand_encoded_data_chunk_is_the_generated_serialization(size):
+    piece = bytes(range(256)) * (size // 256) + b"\x07" * (size % 256)
+    frame = encode_data_chunk(memoryview(piece))
+    assert frame == pb.Chunk(data=piece).SerializeToString()
+    parsed = pb.Chunk.FromString(frame)
+    assert parsed.WhichOneof("part") == "data" and parsed.data == piece
+    view = parse_chunk(frame)
+    assert isinstance(view, memoryview) and view.readonly and bytes(view) == piece
+
+
+def test_frames_are_the_serialized_messages_of_iter_chunks():
+    payload = np.random.default_rng(3).integers(0, 256, size=2 * CHUNK_SIZE + 12345, dtype=np.uint8).tobytes()
+    header = pb.Chunk(update_header=pb.UpdateHeader(fog_id="fog-9", round=3, total_bytes=len(payload)))
+    messages = list(iter_chunks(header, payload))
+    frames = list(chunk_frames(header, payload))
+    assert frames == [m.SerializeToString() for m in messages]
+    assert [pb.Chunk.FromString(f) for f in frames] == messages
+    # with a known digest the frames are the same
+    assert list(chunk_frames(header, payload, sha256=sha256_hex(payload))) == frames
+    # the fast deserializer gives data as views, everything else as messages; the stream assembles
+    items = [parse_chunk(f) for f in frames]
+    assert [type(i) for i in items] == [pb.Chunk, memoryview, memoryview, memoryview, pb.Chunk]
+    got_header, got = assemble_chunks(items, "update_header")
+    assert got == payload and type(got) is bytes and got_header.fog_id == "fog-9"
+
+
+@pytest.mark.parametrize("raw", [
+    encode_data_chunk(b"abc") + pb.Chunk(trailer=pb.Trailer(sha256="x")).SerializeToString(),  # oneof: last wins
+    encode_data_chunk(b"abc") + encode_data_chunk(b"de"),  # repeated field: last wins
+    b"\x1a\x85\x00abcde",  # over-long varint for the length (still valid protobuf)
+    pb.Chunk(trailer=pb.Trailer(sha256="f" * 64)).SerializeToString(),
+])
+def test_parse_chunk_agrees_with_the_generated_parser(raw):
+    expected = pb.Chunk.FromString(raw)
+    got = parse_chunk(raw)
+    if isinstance(got, memoryview):
+        assert expected.WhichOneof("part") == "data" and bytes(got) == expected.data
+    else:
+        assert got == expected
+
+
+def test_parse_chunk_rejects_what_the_generated_parser_rejects():
+    for raw in (b"\x1a\x05ab", b"\x1a", b"\xff\xff\xff"):
+        with pytest.raises(Exception) as generated:
+            pb.Chunk.FromString(raw)
+        with pytest.raises(type(generated.value)):
+            parse_chunk(raw)
+
+
+def _fast_stream(payload: bytes, chunk_size: int = 1024) -> list:
+    header = pb.Chunk(model_header=pb.ModelHeader(version=1, total_bytes=len(payload)))
+    return [parse_chunk(f) for f in chunk_frames(header, payload, chunk_size=chunk_size)]
+
+
+@pytest.mark.parametrize("size", [8000, 3 * CHUNK_SIZE + 5])  # the small path and the in-place buffer
+def test_corrupted_view_chunk_raises_checksum_error(size):
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    items = _fast_stream(payload, chunk_size=CHUNK_SIZE if size > CHUNK_SIZE else 1024)
+    assert assemble_chunks(items, "model_header")[1] == payload
+    flipped = bytearray(items[2])
+    flipped[0] ^= 0x40
+    items[2] = memoryview(bytes(flipped))
+    with pytest.raises(ChecksumError, match="sha256"):
+        assemble_chunks(items, "model_header")
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda c: c[:-1], "trailer"),
+    (lambda c: c[:-2] + c[-1:], "announced"),
+    (lambda c: c[:-1] + [memoryview(b"more")] + c[-1:], "more than"),
+    (lambda c: c[1:], "must start with model_header"),
+    (lambda c: c + [memoryview(b"x")], "after the trailer"),
+])
+def test_view_chunks_hit_the_same_stream_errors(mutate, needle):
+    with pytest.raises(WireError, match=needle) as e:
+        assemble_chunks(mutate(_fast_stream(b"abcdefgh" * 1000)), "model_header")
+    assert not isinstance(e.value, ChecksumError)
+
+
+def test_oversized_stream_is_refused_in_the_in_place_buffer_too():
+    payload = b"q" * (2 * CHUNK_SIZE)
+    items = _fast_stream(payload, chunk_size=CHUNK_SIZE)
+    items.insert(-1, memoryview(b"extra"))
+    with pytest.raises(WireError, match="more than"):
+        assemble_chunks(items, "model_header")
+
+
+# --------------------------------------------------------------------------- zero-copy decode
+
+
+def _tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "w": rng.normal(size=(40, 30)).astype(np.float32),
+        "b": rng.normal(size=(7,)).astype(np.float64),
+        "half": rng.normal(size=(2, 2, 2)).astype(np.float16),
+        "scalar": np.array(3.5, dtype=np.float32),
+        "empty": np.zeros((0, 5), dtype=np.float32),
+        "labels": rng.integers(-(2**40), 2**40, size=(5,), dtype=np.int64),
+        "pixels": rng.integers(0, 256, size=(2, 1, 4, 4), dtype=np.uint8),
+        "mask": np.array([[True, False], [False, True]]),
+        "bigendian": np.arange(6, dtype=">f4").reshape(2, 3),
+        "ünïcode": np.arange(3, dtype=np.int8),
+    }
+
+
+def test_zero_copy_decode_equals_the_copying_decode_and_is_read_only():
+    payload = encode_tensors(_tensors())
+    copied = decode_tensors(payload)
+    views = decode_tensors(payload, copy=False)
+    assert list(views) == list(copied)
+    raw = np.frombuffer(payload, dtype=np.uint8)
+    shared = 0
+    for k, v in views.items():
+        assert v.dtype == copied[k].dtype and v.shape == copied[k].shape, k
+        np.testing.assert_array_equal(v, copied[k])
+        assert v.flags.aligned, k  # BLAS and numpy's fast loops need it
+        assert not np.shares_memory(copied[k], raw), k  # the default hands out owned arrays
+        assert copied[k].flags.writeable, k
+        if np.shares_memory(v, raw):
+            shared += 1
+            assert not v.flags.writeable, k
+            with pytest.raises(ValueError):
+                v[...] = 0
+    assert shared >= 3  # the aligned ones are views (which ones depends on the header lengths)
+
+
+def test_zero_copy_decode_of_a_non_canonical_encoding_falls_back_to_the_parser():
+    # fields of a Tensor in reverse order: valid protobuf, not what protobuf writes
+    t = pb.Tensor(name="x", shape=[2], dtype="float32", data=np.array([1, 2], np.float32).tobytes())
+    parts = [pb.Tensor(data=t.data), pb.Tensor(dtype=t.dtype), pb.Tensor(shape=t.shape), pb.Tensor(name=t.name)]
+    inner = b"".join(p.SerializeToString() for p in parts)
+    payload = b"\x0a" + bytes([len(inner)]) + inner
+    for copy in (True, False):
+        out = decode_tensors(payload, copy=copy)
+        np.testing.assert_array_equal(out["x"], [1.0, 2.0])
+    # a field given twice: the last name/dtype/data wins, the packed shapes concatenate
+    twice = t.SerializeToString() + pb.Tensor(name="y", shape=[1], data=np.array([3, 4], np.float32).tobytes()
+                                              ).SerializeToString()
+    payload = b"\x0a" + bytes([len(twice)]) + twice
+    assert pb.TensorSet.FromString(payload).tensors[0].shape == [2, 1]
+    for copy in (True, False):
+        out = decode_tensors(payload, copy=copy)
+        assert list(out) == ["y"]
+        np.testing.assert_array_equal(out["y"], [[3.0], [4.0]])
+
+
+@pytest.mark.parametrize("payload, needle", [
+    (pb.TensorSet(tensors=[pb.Tensor(name="a", shape=[3], dtype="float32", data=b"\0" * 8)]).SerializeToString(),
+     "needs 12 bytes"),
+    (pb.TensorSet(tensors=[pb.Tensor(name="a", dtype="complex64", data=b"")]).SerializeToString(), "dtype"),
+    (pb.TensorSet(tensors=[pb.Tensor(name="a", shape=[-1], dtype="float32")]).SerializeToString(), "negative"),
+    (encode_tensors({"a": np.zeros(2, np.float32)}) * 2, "twice"),
+    (b"\xff\xfe not a tensor set " * 10, "not a TensorSet"),
+    (encode_tensors({"a": np.zeros(2, np.float32)}) + b"\x50\x01", "unknown fields"),
+])
+def test_zero_copy_decode_raises_the_same_errors(payload, needle):
+    for copy in (True, False):
+        with pytest.raises(WireError, match=needle):
+            decode_tensors(payload, copy=copy)
