@@ -1,0 +1,120 @@
+"""A node that receives a bad message rejects it, counts it, and keeps working; nothing that was
+accepted is lost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cloud.node import CloudNode
+from fog.node import FogNode
+from fog.trainer import local_update
+from kernel.config import build_config
+from protos import fogfl_pb2 as pb
+from protos.codec import decode_tensors, encode_tensors, tensor_to_pb
+from protos.control import Announcement
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return build_config([], [("topology.fogs", 2), ("topology.edges_per_fog", 2), ("rounds", 3),
+                             ("cloud.warm_start.per_class", 2), ("cloud.warm_start.epochs", 2)], use_env=False)
+
+
+def _update(node: CloudNode, fog_id: str, **changes):
+    _, payload = node.serve_model(fog_id)
+    params = decode_tensors(payload)
+    res = local_update(node.spec, params, node.ds.x[:8], node.ds.y[:8], node.current.announcement.train)
+    upd = changes.pop("update", res.update)
+    body = encode_tensors(upd)
+    h = pb.UpdateHeader(fog_id=fog_id, round=node.round_no, base_version=node.version, num_samples=8,
+                        update_kind="delta", total_bytes=len(body), labels_total=8)
+    for k, v in changes.items():
+        setattr(h, k, v)
+    return h, body, res.update
+
+
+def test_cloud_rejects_bad_updates_and_keeps_the_round(cfg):
+    node = CloudNode(cfg)
+    node.start_round()
+    h, body, upd = _update(node, "fog-0")
+    bad = []
+    nan = {k: v.copy() for k, v in upd.items()}
+    next(iter(nan.values()))[0] = np.nan
+    bad.append(_update(node, "fog-0", update=nan)[:2])
+    wrong_shape = dict(upd)
+    first = next(iter(wrong_shape))
+    wrong_shape[first] = wrong_shape[first][:-1]
+    bad.append(_update(node, "fog-0", update=wrong_shape)[:2])
+    bad.append(_update(node, "fog-0", round=7)[:2])
+    bad.append(_update(node, "fog-0", base_version=5)[:2])
+    bad.append(_update(node, "fog-0", update_kind="gradient")[:2])
+    bad.append(_update(node, "fog-9")[:2])
+    bad.append(_update(node, "fog-0", num_samples=0)[:2])
+    bad.append((h, b"\x0a\x05garbage"))
+    reasons = []
+    for hh, bb in bad:
+        ack = node.receive_update(hh, bb)
+        assert not ack.accepted
+        reasons.append(ack.reason)
+    assert all(r and "\n" not in r for r in reasons), reasons
+    assert node.rejected_total == len(bad)
+    assert node.receive_update(h, body).accepted  # the good one still goes through
+    dup = node.receive_update(h, body)
+    assert not dup.accepted and "already" in dup.reason
+    h1, b1, _ = _update(node, "fog-1")
+    assert node.receive_update(h1, b1).accepted
+    assert node.round_complete()
+    m = node.finish_round()
+    assert m.updates == 2 and node.version == 1
+
+
+def test_fog_rejects_bad_sample_batches_and_keeps_its_pool(cfg, tmp_path):
+    fog = FogNode(cfg, "fog-0", state_dir=tmp_path)
+    node = CloudNode(cfg)
+    ann = node.start_round()
+    assert fog.on_announcement(ann.to_json()) is not None
+    header, payload = node.serve_model("fog-0")
+    fog.on_model(header, payload)
+    x = node.ds.x[:3]
+
+    def batch(edge="fog-0.edge-0", seq=1, xs=x, ys=(1, 2, 3), fog_id="fog-0"):
+        return pb.SampleBatch(edge_id=edge, fog_id=fog_id, seq=seq, round=1, x=tensor_to_pb("x", xs),
+                              y=list(ys)).SerializeToString()
+
+    assert fog.on_samples(batch())
+    assert not fog.on_samples(batch())  # duplicate (edge, seq): not pooled twice
+    bad = [
+        b"\xff\xfe not protobuf",
+        batch(edge="fog-1.edge-0"),  # another fog's edge
+        batch(fog_id="fog-1", seq=2),  # addressed elsewhere
+        batch(seq=3, ys=(1, 2)),  # label count mismatch
+        batch(seq=4, ys=(1, 2, 99)),  # label out of range
+        batch(seq=5, xs=np.full_like(x, np.nan)),  # NaN
+        batch(seq=6, xs=x[:, :, :4, :4]),  # wrong image shape
+    ]
+    rejected_before = fog.rejected
+    for b in bad:
+        assert not fog.on_samples(b)
+    assert fog.rejected - rejected_before == len(bad)  # every bad one counted
+    assert len(fog.pool) == 3
+    assert fog.on_samples(batch(edge="fog-0.edge-1", seq=1))
+    # accepted samples survive a restart of the fog
+    again = FogNode(cfg, "fog-0", state_dir=tmp_path)
+    assert len(again.pool) == 6
+    xs, ys = again.pool.arrays()
+    assert sorted(ys.tolist()) == [1, 1, 2, 2, 3, 3]
+
+
+def test_fog_ignores_bad_and_foreign_announcements(cfg):
+    fog = FogNode(cfg, "fog-0")
+    assert fog.on_announcement(b"") is None
+    assert fog.on_announcement(b"{not json") is None
+    assert fog.rejected == 1
+    other = Announcement(run_id="another-run", round=1, model_version=0, selected=["fog-0"])
+    assert fog.on_announcement(other.to_json()) is None
+    unselected = Announcement(run_id=cfg.run_id, round=1, model_version=0, selected=["fog-1"])
+    assert fog.on_announcement(unselected.to_json()) is None
+    mine = Announcement(run_id=cfg.run_id, round=1, model_version=0, selected=["fog-0"])
+    assert fog.on_announcement(mine.to_json()) is not None
+    assert fog.on_announcement(mine.to_json()) is None  # retained re-delivery: once
