@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,8 @@ class CloudNode:
         self.rejected_total = 0
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)  # notified on every accepted update
+        self._ckpt_pool: ThreadPoolExecutor | None = None
+        self._ckpt_futures: list = []
         self._warm_start()
         self.params = get_params(self.model)
         self._payload = encode_tensors(self.params)
@@ -322,14 +325,38 @@ class CloudNode:
             return m
 
     def _checkpoint(self) -> None:
+        """Write ``checkpoints/latest.{npz,onnx,json}`` off the round's critical path: a single
+        background worker (so checkpoints land in order) gets a snapshot of this version."""
         if self.out_dir is None:
             return
-        d = self.out_dir / "checkpoints"
+        if self._ckpt_pool is None:
+            self._ckpt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        for f in [f for f in self._ckpt_futures if f.done()]:
+            self._ckpt_futures.remove(f)
+            if f.exception() is not None:
+                log.error("writing a checkpoint failed: %s", f.exception())
+        snapshot = dict(self.params)  # arrays are replaced, never mutated, by finish_round
+        meta = {"version": self.version, "round": self.round_no, "arch": self.spec, "sha256": self._payload_sha256}
+        self._ckpt_futures.append(self._ckpt_pool.submit(self._write_checkpoint, self.out_dir / "checkpoints",
+                                                         snapshot, meta))
+
+    def _write_checkpoint(self, d: Path, params: dict[str, np.ndarray], meta: dict) -> None:
         d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / "latest.npz", **self.params)
-        (d / "latest.onnx").write_bytes(self.onnx_bytes())
-        (d / "latest.json").write_text(json.dumps({"version": self.version, "round": self.round_no,
-                                                   "arch": self.spec, "sha256": self._payload_sha256}))
+        tmp = d / "latest.tmp.npz"
+        np.savez(tmp, **params)
+        tmp.replace(d / "latest.npz")
+        model = build_model(self.spec)
+        set_params(model, params)
+        (d / "latest.onnx.tmp").write_bytes(export_onnx(model, self.ds.shape))
+        (d / "latest.onnx.tmp").replace(d / "latest.onnx")
+        (d / "latest.json.tmp").write_text(json.dumps(meta))
+        (d / "latest.json.tmp").replace(d / "latest.json")
+
+    def flush(self) -> None:
+        """Wait for pending checkpoints (raises what a failed one raised)."""
+        futures, self._ckpt_futures = self._ckpt_futures, []
+        for f in futures:
+            f.result()
 
     def metrics_document(self) -> dict:
         return {

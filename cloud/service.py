@@ -180,6 +180,7 @@ def run_cloud(cfg: RunConfig, out_dir: Path | str, stop: threading.Event | None 
     try:
         svc.run()
     finally:
+        node.flush()
         node.write_metrics()
         svc.close()
     return node

@@ -137,5 +137,6 @@ def run_inprocess(cfg: RunConfig, out_dir: Path | str, capture: bool = False, pr
     (out / "config.yaml").write_text(dump_config(cfg))
     engine = InProcessEngine(cfg, out, capture=capture)
     engine.run(progress=progress)
+    engine.cloud.flush()
     engine.cloud.write_metrics()
     return engine.cloud

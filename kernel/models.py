@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -27,6 +28,7 @@ _ACTS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": lambda: nn.LeakyReLU(0.2),
 }
 ARCHS: dict[str, Callable[[dict], nn.Module]] = {}
+_EXPORT_LOCK = threading.Lock()
 
 
 def register_arch(name: str):
@@ -178,10 +180,11 @@ def export_onnx(model: nn.Module, in_shape: tuple[int, ...] | list[int]) -> byte
     model = model.eval()
     buf = io.BytesIO()
     dummy = torch.zeros((1, *in_shape), dtype=torch.float32)
-    torch.onnx.export(
-        model, (dummy,), buf, dynamo=False, input_names=["x"], output_names=["logits"],
-        dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, opset_version=17,
-    )
+    with _EXPORT_LOCK:  # the exporter keeps global state: one export at a time per process
+        torch.onnx.export(
+            model, (dummy,), buf, dynamo=False, input_names=["x"], output_names=["logits"],
+            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, opset_version=17,
+        )
     return buf.getvalue()
 
 
