@@ -514,11 +514,11 @@ def make_strategy(cfg: CloudConfig, train: TrainConfig) -> Strategy:
     if name == "fedprox":
         return FedProx(mu=train.prox_mu or DEFAULT_PROX_MU)
     if name == "fed2":
-        return Fed2()
+        return Fed2(weighting=cfg.fed2_weighting)
     if name == "median":
         return Median()
     if name == "trimmed_mean":
         return TrimmedMean(cfg.trim_ratio)
     if name == "krum":
-        return Krum(cfg.krum_faulty)
+        return Krum(cfg.krum_faulty, multi=cfg.krum_multi)
     raise ConfigError(f"unknown strategy {name!r} (fedavg, fedprox, fed2, median, trimmed_mean, krum)")

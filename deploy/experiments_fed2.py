@@ -8,7 +8,12 @@ strategy.
 Fed2 vs FedAvg table (docs/strategies.md)::
 
     python -m deploy.experiments_fed2 [--dataset digits|mnist5k] [--seeds 0 1 2] [--rounds 30]
+                                      [--settings dirichlet0.1 classes2233] [--runs KEY ...]
                                       [--out runs/fed2.json]
+
+Robust aggregators under attack (docs/strategies.md)::
+
+    python -m deploy.experiments_fed2 --attack
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cloud.strategies import Strategy, make_strategy
+from cloud.strategies import Fed2, FedAvg, Strategy
 from fog.trainer import local_update
 from kernel.config import RunConfig, build_config
 from kernel.data import Dataset, load_dataset, make_splits
@@ -138,56 +143,95 @@ def fed2_specs(ds: Dataset) -> dict[str, dict]:
     return {"fed2": fed2, "cnn": cnn}
 
 
+RUNS = {
+    # key: (strategy factory, model)
+    "fedavg+cnn": (FedAvg, "cnn"),
+    "fed2[samples]": (lambda: Fed2(weighting="samples"), "fed2"),  # = FedAvg on the Fed2 net
+    "fed2[features]": (lambda: Fed2(weighting="features"), "fed2"),
+    "fed2[classes]": (lambda: Fed2(weighting="classes"), "fed2"),
+}
+
+
 def run_fed2_experiment(dataset: str = "digits", seeds: Sequence[int] = (0, 1, 2), rounds: int = 30,
                         settings: Sequence[str] = tuple(SETTINGS), train: TrainConfig | None = None,
+                        runs: Sequence[str] = tuple(RUNS),
                         progress: Callable[[str], None] | None = None) -> dict:
-    """For each setting and seed: FedAvg on the CNN, FedAvg on the Fed2 net, Fed2 (net + feature-
-    paired averaging). Same split, initial-model seed, local training config and rounds for all."""
+    """For each setting and seed: FedAvg on the CNN and Fed2 (the grouped net + feature-paired
+    averaging) under each weighting. Same split, initial-model seed, local training config and
+    rounds for all."""
     train = train or TrainConfig(local_epochs=2, lr=0.05, batch_size=32, momentum=0.9)
-    runs = [("fedavg", "cnn"), ("fedavg", "fed2"), ("fed2", "fed2")]
     table: dict = {"dataset": dataset, "rounds": rounds, "seeds": list(seeds), "train": train.model_dump(),
                    "settings": {}}
     for name in settings:
         partition, fogs, alpha = SETTINGS[name]
-        rows: dict[str, list[float]] = {f"{s}+{a}": [] for s, a in runs}
-        curves: dict[str, list[list[float]]] = {f"{s}+{a}": [] for s, a in runs}
+        final: dict[str, list[float]] = {k: [] for k in runs}
+        last5: dict[str, list[float]] = {k: [] for k in runs}
+        curves: dict[str, list[list[float]]] = {k: [] for k in runs}
         for seed in seeds:
-            ds, parts, test, cfg = federation_data(dataset, fogs, partition, seed, alpha=alpha or 0.5)
+            ds, parts, test, _ = federation_data(dataset, fogs, partition, seed, alpha=alpha or 0.5)
             specs = fed2_specs(ds)
-            for strat, arch in runs:
-                cfg.cloud.strategy = strat
+            for key in runs:
+                factory, arch = RUNS[key]
                 t0 = time.perf_counter()
-                res = simulate(specs[arch], ds, parts, test, make_strategy(cfg.cloud, train), train, rounds, seed)
-                key = f"{strat}+{arch}"
-                rows[key].append(res.final)
+                res = simulate(specs[arch], ds, parts, test, factory(), train, rounds, seed)
+                final[key].append(res.final)
+                last5[key].append(float(np.mean(res.accuracy[-5:])))
                 curves[key].append(res.accuracy)
                 if progress:
-                    progress(f"{dataset} {name} seed {seed} {key}: final acc {res.final:.4f} "
-                             f"({time.perf_counter() - t0:.1f}s)")
+                    progress(f"{dataset} {name} seed {seed} {key}: final {res.final:.4f}, last-5 mean "
+                             f"{last5[key][-1]:.4f} ({time.perf_counter() - t0:.1f}s)")
         specs = fed2_specs(ds)
         table["settings"][name] = {
             "partition": partition, "fogs": fogs, "alpha": alpha if partition == "dirichlet" else None,
             "params": {a: count_params(build_model(specs[a])) for a in specs},
-            "final": rows,
-            "mean": {k: float(np.mean(v)) for k, v in rows.items()},
-            "std": {k: float(np.std(v)) for k, v in rows.items()},
+            "final": final, "last5": last5,
+            "mean": {k: float(np.mean(v)) for k, v in final.items()},
+            "last5_mean": {k: float(np.mean(v)) for k, v in last5.items()},
             "curves": curves,
         }
     return table
 
 
 def format_table(table: dict) -> str:
-    lines = [f"dataset {table['dataset']}, {table['rounds']} rounds, seeds {table['seeds']}",
-             "| setting | FedAvg + CNN | FedAvg + Fed2 net | Fed2 (net + paired avg) | params (cnn / fed2) |",
-             "|---|---|---|---|---|"]
+    runs = list(next(iter(table["settings"].values()))["final"])
+    lines = [f"dataset {table['dataset']}, {table['rounds']} rounds, seeds {table['seeds']}; "
+             "cell: mean final accuracy (per seed) / mean of the last 5 rounds",
+             "| setting | params cnn / fed2 | " + " | ".join(runs) + " |",
+             "|---|---|" + "---|" * len(runs)]
     for name, s in table["settings"].items():
-        def cell(k: str, s=s) -> str:
+        cells = []
+        for k in runs:
             per = ", ".join(f"{v:.3f}" for v in s["final"][k])
-            return f"{s['mean'][k]:.4f} ± {s['std'][k]:.4f} ({per})"
-
-        lines.append(f"| {name} ({s['fogs']} fogs) | {cell('fedavg+cnn')} | {cell('fedavg+fed2')} | "
-                     f"{cell('fed2+fed2')} | {s['params']['cnn']} / {s['params']['fed2']} |")
+            cells.append(f"{s['mean'][k]:.3f} ({per}) / {s['last5_mean'][k]:.3f}")
+        lines.append(f"| {name} ({s['fogs']} fogs) | {s['params']['cnn']} / {s['params']['fed2']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def attack_table(rounds: int = 20, factors: Sequence[float] = (-10.0, 50.0, -1.0),
+                 attackers: Sequence[int] = (3, 7), progress: Callable[[str], None] | None = None) -> dict:
+    """The robust aggregators under attack (tests/test_strategies.py asserts on the same setup):
+    10 fogs on IID digits, an MLP(32), 2 local epochs; cell = mean test accuracy of the last 3 rounds."""
+    from cloud.strategies import Krum, Median, TrimmedMean
+
+    ds, parts, test, _ = federation_data("digits", 10, "iid", seed=0)
+    spec = {"arch": "mlp", "in_shape": list(ds.shape), "num_classes": 10, "hidden": 32, "activation": "relu"}
+    train = TrainConfig(local_epochs=2, lr=0.05, batch_size=32, momentum=0.9)
+    strategies: dict[str, Callable[[], Strategy]] = {
+        "fedavg": FedAvg, "median": Median, "trimmed_mean": lambda: TrimmedMean(0.2),
+        "krum": lambda: Krum(2), "multi-krum(8)": lambda: Krum(2, multi=8),
+    }
+    out: dict = {"rounds": rounds, "attackers": list(attackers), "rows": {}}
+    for label, factor in [("none", None), *((f"x{f:g}", f) for f in factors)]:
+        row = {}
+        for name, make in strategies.items():
+            att = scale_attack(factor) if factor is not None else None
+            res = simulate(spec, ds, parts, test, make(), train, rounds, seed=0, attackers=attackers, attack=att)
+            row[name] = float(np.mean(res.accuracy[-3:]))
+        out["rows"][label] = row
+        if progress:
+            progress(f"attack {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,12 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--out", default="")
+    ap.add_argument("--attack", action="store_true", help="print the robust aggregators' table under attack instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.attack:
+        table = attack_table(progress=lambda m: print(m, flush=True))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(table, f, indent=1)
+        return 0
     train = TrainConfig(local_epochs=args.local_epochs, lr=0.05, batch_size=32, momentum=0.9)
-    table = run_fed2_experiment(args.dataset, args.seeds, args.rounds, args.settings, train,
+    table = run_fed2_experiment(args.dataset, args.seeds, args.rounds, args.settings, train, args.runs,
                                 progress=lambda m: print(m, flush=True))
     print(format_table(table))
     if args.out:

@@ -67,6 +67,9 @@ class CloudConfig(_Strict):
     strategy: Literal["fedavg", "fedprox", "fed2", "median", "trimmed_mean", "krum"] = "fedavg"
     trim_ratio: float = Field(0.2, ge=0, lt=0.5)
     krum_faulty: int = Field(2, ge=0)
+    krum_multi: int = Field(1, ge=1, description="Multi-Krum: average the m best-scored updates (1 = Krum)")
+    fed2_weighting: Literal["samples", "classes", "features"] = Field(
+        "samples", description="Fed2 group averaging weights (see docs/strategies.md)")
     min_updates: int = Field(0, ge=0, description="updates needed to close a round (0 = all selected)")
     round_deadline_s: float = Field(60.0, gt=0)
     wait_for_fogs_s: float = Field(60.0, ge=0, description="wait this long for the fogs to come online")
