@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attacks", help="list the attacks")
     p.set_defaults(func=cmd_attacks)
+
+    from deploy.study import add_parser as add_study_parser  # light: the study imports torch lazily
+
+    add_study_parser(sub)
     return ap
 
 

@@ -127,14 +127,31 @@ class HeatmapSpec(_Strict):
     where: dict[str, str] = Field(default_factory=dict)
 
 
+class ReferenceSpec(_Strict):
+    axis: str
+    level: str
+
+
 class OutputSpec(_Strict):
     plots: bool = True
     report: bool = True
     accuracy_targets: list[float] = Field(default_factory=list)
+    reference: ReferenceSpec | None = Field(
+        None, description="adds ref_accuracy (mean final accuracy of this axis level, other axes equal) and "
+                          "labels_to_ref (labels used when a run first reaches it)")
     tables: list[TableSpec] = Field(default_factory=list)
     heatmaps: list[HeatmapSpec] = Field(default_factory=list)
     keep_captures: bool = False
     keep_checkpoints: bool = False
+    publish_plots: list[str] | None = Field(
+        None, description="plot names (file stems, e.g. accuracy_vs_labels) that --plots-to copies (default: all)")
+
+
+class EmulateSpec(_Strict):
+    """What-ifs for features the tiers do not have (yet), emulated in the in-process engine only."""
+
+    warm_start_at_fogs: bool = Field(
+        False, description="fogs train on their pool plus the cloud's warm-start set (the labelled seed set)")
 
 
 class GridSpec(_Strict):
@@ -148,6 +165,7 @@ class GridSpec(_Strict):
     timeout_s: float = Field(900.0, gt=0, description="network engine: give up on a cell after this long")
     leakage: LeakageSpec = Field(default_factory=LeakageSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    emulate: EmulateSpec = Field(default_factory=EmulateSpec)
 
 
 KNOWN_AXES = ("sampling", "heterogeneity", "topology", "strategy", "defense", "budget", "local_epochs", "rounds")
@@ -173,6 +191,7 @@ class Level:
     presets: tuple[str, ...] = ()
     overrides: tuple[tuple[str, Any], ...] = ()
     tags: tuple[tuple[str, Any], ...] = ()
+    emulate: tuple[tuple[str, Any], ...] = ()
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -288,7 +307,12 @@ def _mapping_level(axis: str, label: str, value: Any, where: str) -> Level:
     tags = value.pop("tags", {})
     if not isinstance(tags, dict):
         raise ConfigError(f"grid {where}.tags: expected a mapping of column -> value")
-    return Level(axis, str(label), tuple(presets), tuple(_flatten(value)), tuple(tags.items()))
+    try:
+        emulate = EmulateSpec.model_validate(value.pop("emulate", {}))
+    except ValidationError as exc:
+        raise ConfigError(_grid_error(exc).replace("grid key '", f"grid key '{where}.emulate.", 1)) from None
+    return Level(axis, str(label), tuple(presets), tuple(_flatten(value)), tuple(tags.items()),
+                 tuple((k, v) for k, v in emulate.model_dump().items() if v))
 
 
 def axis_levels(axis: str, spec: Any) -> list[Level]:
@@ -371,6 +395,7 @@ class Task:
     keep_captures: bool
     keep_checkpoints: bool
     timeout_s: float
+    emulate: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -406,23 +431,31 @@ class Study:
     def tasks(self, out: Path, engine: str | None = None) -> list[Task]:
         g = self.grid
         eng = engine or g.engine
+        grid_emulate = {k: v for k, v in g.emulate.model_dump().items() if v}
         leak = g.leakage.model_dump()
         out_tasks = []
         for cell in self.cells:
+            emulate = grid_emulate | {k: v for lv in cell.levels for k, v in lv.emulate}
+            if emulate and eng != "inprocess":
+                raise ConfigError(f"grid: emulate.{next(iter(emulate))} works with the in-process engine only")
             for seed in g.seeds:
                 cfg = self.config_for(cell, seed)
                 cfg_json = cfg.model_dump(mode="json")
-                h = hashlib.sha256(json.dumps({"config": cfg_json, "leakage": leak, "engine": eng},
-                                              sort_keys=True).encode()).hexdigest()[:16]
+                ident = {"config": cfg_json, "leakage": leak, "engine": eng} | ({"emulate": emulate} if emulate else {})
+                h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
                 out_tasks.append(Task(
                     cell.id, cell.index, seed, cfg_json, h, str(out / "cells" / cell.id / f"seed-{seed}"), eng, leak,
                     cell.labels, cell.tags, g.output.keep_captures, g.output.keep_checkpoints, g.timeout_s,
+                    emulate,
                 ))
         return out_tasks
 
 
 def _check_metric_names(grid: GridSpec, axis_names: list[str], tag_names: list[str]) -> None:
-    known = set(METRICS) | {f"labels_at_{t:g}" for t in grid.output.accuracy_targets}
+    known = set(_metric_list(grid.output.accuracy_targets, grid.output.reference is not None))
+    ref = grid.output.reference
+    if ref is not None and ref.axis not in axis_names:
+        raise ConfigError(f"grid key 'output.reference.axis': {ref.axis!r} is not an axis of this grid")
     groupable = set(axis_names) | set(tag_names)
     for i, t in enumerate(grid.output.tables):
         if t.metric not in known:
@@ -440,6 +473,8 @@ def _check_metric_names(grid: GridSpec, axis_names: list[str], tag_names: list[s
 
 
 def _check_attacks(methods: list[str]) -> None:
+    if not methods:
+        return
     names = set(KNOWN_ATTACKS)
     try:
         from attacks.base import available
@@ -472,10 +507,17 @@ def plan_study(data: dict, path: Path | None = None) -> Study:
             for k, _ in lv.tags:
                 if k not in tag_names:
                     tag_names.append(k)
-    clash = set(tag_names) & (set(axes) | set(ROW_FIXED) | set(METRICS))
+    reserved = set(ROW_FIXED) | set(METRICS) | set(ROW_EXTRA) | {"ref_accuracy", "labels_to_ref"}
+    bad = sorted((set(axes) & reserved) | {t for t in tag_names if t.startswith("labels_at_")})
+    if bad:
+        raise ConfigError(f"grid key 'axes.{bad[0]}': the name is taken by a result column; rename the axis")
+    clash = set(tag_names) & (set(axes) | reserved)
     if clash:
         raise ConfigError(f"grid: tag {sorted(clash)[0]!r} clashes with an axis or a result column")
     _check_metric_names(grid, list(axes), tag_names)
+    ref = grid.output.reference
+    if ref is not None and ref.level not in [lv.label for lv in axes[ref.axis]]:
+        raise ConfigError(f"grid key 'output.reference.level': {ref.level!r} is not a value of axis {ref.axis!r}")
     _check_attacks(grid.leakage.methods)
     study = Study(grid, path, axes, cells, tag_names)
     for cell in cells:  # every cell's config must validate before anything runs
@@ -530,9 +572,48 @@ def _run_engine(task: Task, cfg: RunConfig, out: Path, capture: bool) -> dict:
 
     (out / "config.yaml").write_text(dump_config(cfg))
     engine = InProcessEngine(cfg, out, capture=capture)
+    if task.emulate.get("warm_start_at_fogs"):
+        _warm_start_at_fogs(engine)
     engine.run(progress=False)
     engine.cloud.write_metrics()
-    return engine.cloud.metrics_document()
+    doc = engine.cloud.metrics_document()
+    doc["acquired_label_counts"] = _acquired_label_counts(engine, cfg.rounds)
+    return doc
+
+
+def _acquired_label_counts(engine, rounds: int) -> list[list[int]]:
+    """Per round, how many samples of each class the edges acquired (summed over fogs)."""
+    import numpy as np
+
+    k = engine.cloud.ds.num_classes
+    out = []
+    for r in range(1, rounds + 1):
+        counts = np.zeros(k, dtype=np.int64)
+        for fog in engine.fogs.values():
+            _, y = type(fog.pool).arrays(fog.pool, r)  # the class's method: bypasses the what-if wrapper
+            counts += np.bincount(y, minlength=k)[:k]
+        out.append(counts.tolist())
+    return out
+
+
+def _warm_start_at_fogs(engine) -> None:
+    """What-if: every fog trains on the cloud's warm-start samples plus its pool (as if the labelled
+    seed set were shipped to the fogs). Wraps each fog pool's ``arrays``; only the training set
+    changes (ground truth written for captures then includes the seed set too)."""
+    import numpy as np
+
+    idx = engine.cloud.splits.warm
+    wx, wy = engine.cloud.ds.x[idx], engine.cloud.ds.y[idx]
+    for fog in engine.fogs.values():
+        original = fog.pool.arrays
+
+        def arrays(round_=None, _original=original):
+            x, y = _original(round_)
+            if not len(y):
+                return x, y
+            return np.concatenate([wx, x]), np.concatenate([wy, y])
+
+        fog.pool.arrays = arrays
 
 
 def _get_attack(name: str, options: dict):
@@ -583,6 +664,7 @@ def _leakage(captures: Path, spec: dict, dataset: str) -> dict:
         cap = read_capture(p)
         tx, ty = read_truth(truth_path(p))
         best: tuple | None = None
+        by_method: dict[str, dict] = {}
         for m in spec["methods"]:
             try:
                 rec = _get_attack(m, spec["options"].get(m, {})).reconstruct(cap)
@@ -593,13 +675,15 @@ def _leakage(captures: Path, spec: dict, dataset: str) -> dict:
             except Exception as exc:  # an attack that crashes must not sink the cell
                 notes.append(f"{m} failed: {_one_line(exc)}")
                 continue
+            by_method[m] = {k: s.get(k) for k in ("psnr_mean", "ssim_mean", "recovered", "label_acc")} | {
+                "seconds": rec.stats.get("seconds")}
             key = (s["recovered"], s["psnr_mean"] or 0.0)
             if best is None or key > best[0]:
                 best = (key, m, s)
         if best is None:
             continue
         _, method, s = best
-        per.append({"capture": p.name, "method": method, "batch": int(s["num_truth"]),
+        per.append({"capture": p.name, "method": method, "batch": int(s["num_truth"]), "by_method": by_method,
                     **{k: s.get(k) for k in ("psnr_mean", "psnr_max", "ssim_mean", "ssim_max", "success_rate",
                                              "label_acc", "recovered", "relative_leakage_max")}})
     out: dict[str, Any] = {"attacked": len(per), "candidates": len(chosen), "per_capture": per,
@@ -635,12 +719,12 @@ def run_task(task: Task) -> dict:
     logging.getLogger().addHandler(handler)
     try:
         cfg = RunConfig.model_validate(task.config)
-        capture = bool(task.leakage["methods"])
+        capture = bool(task.leakage["methods"]) or task.keep_captures
         metrics = _run_engine(task, cfg, out, capture)
         rounds = _round_rows(metrics)
         doc.update(dataset=cfg.data.dataset, rounds=len(rounds), initial_accuracy=metrics.get("initial_accuracy"),
-                   per_round=rounds)
-        if capture:
+                   per_round=rounds, acquired_label_counts=metrics.get("acquired_label_counts"))
+        if task.leakage["methods"]:
             doc["leakage"] = _leakage(out / "captures", task.leakage, cfg.data.dataset)
     except Exception as exc:
         doc.update(status="failed", reason=_one_line(exc))
@@ -684,9 +768,10 @@ def finished_result(task: Task) -> dict | None:
 
 # =============================================================================== tables
 ROW_FIXED = ("cell", "seed", "status", "reason")
+ROW_EXTRA = ("dataset", "engine", "rounds_done", "accuracy_rounds", "labels_rounds")
 METRICS = (
-    "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss", "labels_used", "bytes_up", "bytes_down",
-    "edge_bytes_up", "edge_bytes_down", "updates",
+    "initial_accuracy", "final_accuracy", "best_accuracy", "min_accuracy", "final_loss", "labels_used", "bytes_up", "bytes_down",
+    "edge_bytes_up", "edge_bytes_down", "updates", "r1_top_class_share",
     "leak_method", "leak_captures", "leak_batch", "leak_psnr_mean", "leak_psnr_max", "leak_ssim_mean",
     "leak_ssim_max", "leak_success_rate", "leak_label_acc", "leak_relative_max",
 )
@@ -700,19 +785,24 @@ def result_row(doc: dict, axis_names: Sequence[str], tag_names: Sequence[str], t
     for t in tag_names:
         row[t] = doc.get("tags", {}).get(t, "")
     row["dataset"] = doc.get("dataset", "")
-    row["rounds"] = doc.get("rounds", "")
+    row["engine"] = doc.get("engine", "")
+    row["rounds_done"] = doc.get("rounds", "")
     rounds = doc.get("per_round") or []
     for m in METRICS:
         row[m] = None
     if rounds:
         last = rounds[-1]
         row.update(initial_accuracy=doc.get("initial_accuracy"), final_accuracy=last["accuracy"],
-                   best_accuracy=max(r["accuracy"] for r in rounds), final_loss=last["loss"],
+                   best_accuracy=max(r["accuracy"] for r in rounds),
+                   min_accuracy=min(r["accuracy"] for r in rounds), final_loss=last["loss"],
                    labels_used=last["labels_used"],
                    bytes_up=sum(r["bytes_up"] for r in rounds), bytes_down=sum(r["bytes_down"] for r in rounds),
                    edge_bytes_up=sum(r["edge_bytes_up"] or 0 for r in rounds),
                    edge_bytes_down=sum(r["edge_bytes_down"] or 0 for r in rounds),
                    updates=sum(r["updates"] for r in rounds))
+    counts = doc.get("acquired_label_counts") or []
+    if counts and sum(counts[0]):
+        row["r1_top_class_share"] = max(counts[0]) / sum(counts[0])
     leak = doc.get("leakage") or {}
     if leak:
         row["leak_captures"] = leak.get("attacked", 0)
@@ -721,14 +811,22 @@ def result_row(doc: dict, axis_names: Sequence[str], tag_names: Sequence[str], t
                        leak_psnr_max=leak["psnr_max"], leak_ssim_mean=leak["ssim_mean"],
                        leak_ssim_max=leak["ssim_max"], leak_success_rate=leak["success_rate"],
                        leak_label_acc=leak["label_acc"], leak_relative_max=leak["relative_leakage_max"])
+    init = doc.get("initial_accuracy")
     for t in targets:
         hit = next((r["labels_used"] for r in rounds if r["accuracy"] >= t), None)
-        row[f"labels_at_{t:g}"] = hit
+        row[f"labels_at_{t:g}"] = 0 if rounds and init is not None and init >= t else hit
+    row["_acc"] = [r["accuracy"] for r in rounds]
+    row["_lab"] = [r["labels_used"] for r in rounds]
     row["accuracy_rounds"] = ";".join(_fmt(r["accuracy"]) for r in rounds)
     row["labels_rounds"] = ";".join(str(r["labels_used"]) for r in rounds)
     if leak.get("notes") and not leak.get("attacked") and not row["reason"]:
         row["reason"] = "no leakage: " + leak["notes"][0]
     return row
+
+
+def _is_reach(metric: str) -> bool:
+    """Metrics that are None when a run never reaches the target (tables say how many did)."""
+    return metric.startswith("labels_at_") or metric == "labels_to_ref"
 
 
 def _fmt(v: Any) -> str:
@@ -792,14 +890,37 @@ def summarize(rows: list[dict], group_cols: Sequence[str], metrics: Sequence[str
                 continue
             mu, sd, n = mean_std(r.get(m) for r in ok)
             s[f"{m}_mean"], s[f"{m}_std"] = mu, sd
-            if m.startswith("labels_at_"):
+            if _is_reach(m):
                 s[f"{m}_reached"] = n
         out.append(s)
     return out
 
 
-def _metric_list(targets: Sequence[float]) -> list[str]:
-    return list(METRICS) + [f"labels_at_{t:g}" for t in targets]
+def _metric_list(targets: Sequence[float], reference: bool = False) -> list[str]:
+    return list(METRICS) + [f"labels_at_{t:g}" for t in targets] + (["ref_accuracy", "labels_to_ref"] if reference else [])
+
+
+def add_reference(rows: list[dict], axis_names: Sequence[str], ref: ReferenceSpec) -> None:
+    """``ref_accuracy``: mean final accuracy (over seeds) of the reference level of ``ref.axis`` with
+    every other axis equal; ``labels_to_ref``: labels used when the run first reaches it (0 when
+    the warm-started model already does; None when it never does)."""
+    others = [a for a in axis_names if a != ref.axis]
+    finals: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and str(r.get(ref.axis)) == ref.level and r.get("final_accuracy") is not None:
+            finals.setdefault(tuple(str(r[a]) for a in others), []).append(r["final_accuracy"])
+    for r in rows:
+        accs = finals.get(tuple(str(r[a]) for a in others))
+        r["ref_accuracy"] = r["labels_to_ref"] = None
+        if not accs or r.get("status") != "ok":
+            continue
+        target = sum(accs) / len(accs)
+        r["ref_accuracy"] = target
+        if _num(r.get("initial_accuracy")) is not None and r["initial_accuracy"] >= target - 1e-9:
+            r["labels_to_ref"] = 0  # the warm-started model is already there
+            continue
+        r["labels_to_ref"] = next((lab for acc, lab in zip(r["_acc"], r["_lab"], strict=True) if acc >= target - 1e-9),
+                                  None)
 
 
 def _filter(rows: list[dict], where: dict[str, str]) -> list[dict]:
@@ -812,7 +933,7 @@ def _cell_text(mu: float | None, sd: float | None, fmt: str, std: bool, n: int, 
     text = format(mu, fmt)
     if std and sd is not None:
         text += f" ± {format(sd, fmt)}"
-    if metric.startswith("labels_at_") and n < total:
+    if _is_reach(metric) and n < total:
         text += f" ({n}/{total})"
     return text
 
@@ -849,7 +970,7 @@ def default_table(study: Study) -> TableSpec:
                      metric="final_accuracy")
 
 
-def render_markdown(study: Study, rows: list[dict], command: str) -> str:
+def render_markdown(study: Study, rows: list[dict], command: str, info: dict | None = None) -> str:
     g = study.grid
     specs = list(g.output.tables) or [default_table(study)]
     parts = []
@@ -863,6 +984,13 @@ def render_markdown(study: Study, rows: list[dict], command: str) -> str:
     if failed:
         parts.append(f"{len(failed)} run(s) failed: " + "; ".join(f"{r['cell']} seed {r['seed']}: {r['reason']}"
                                                                    for r in failed[:5]))
+        parts.append("")
+    if info and info.get("invocations"):
+        longest = max(info["invocations"], key=lambda i: i["ran"])
+        parts.append(f"Compute: {info['runs']} runs ({info['cells']} cells × {len(g.seeds)} seeds, {info['engine']} "
+                     f"engine); their wall times sum to {info['run_wall_s_sum'] / 60:.1f} min. The invocation that "
+                     f"ran the most ({longest['ran']} runs, {longest['jobs']} job(s)) took {longest['wall_s'] / 60:.1f} "
+                     f"min (load average at its end {longest['loadavg_at_end']} on {info['cpus']} CPUs).")
         parts.append("")
     parts.append(f"Regenerate: `{command}`")
     return "\n".join(parts).rstrip() + "\n"
@@ -1062,10 +1190,11 @@ def write_report(study: Study, out: Path, summary: list[dict], plots: list[tuple
                  markdown: str, info: dict) -> Path:
     g = study.grid
     show = list(study.axis_names) + study.tag_names + ["seeds", "failed"] + [
-        c for c in ("final_accuracy_mean", "final_accuracy_std", "labels_used_mean", "bytes_up_mean",
+        c for c in ("final_accuracy_mean", "final_accuracy_std", "min_accuracy_mean", "labels_used_mean",
+                    "ref_accuracy_mean", "labels_to_ref_mean", "labels_to_ref_reached", "bytes_up_mean",
                     "bytes_down_mean", "leak_method", "leak_psnr_mean_mean", "leak_ssim_mean_mean",
                     "leak_success_rate_mean", "leak_label_acc_mean")
-        if g.leakage.methods or not c.startswith("leak")]
+        if (g.leakage.methods or not c.startswith("leak")) and (not summary or c in summary[0])]
     show += [c for c in (summary[0] if summary else {}) if c.startswith("labels_at_") and c.endswith("_mean")]
     imgs = []
     for title, p in plots:
@@ -1176,18 +1305,21 @@ def run_study(study: Study, out: Path | str, *, engine: str | None = None, jobs:
         for n, lv in levels.items():
             logging.getLogger(n).setLevel(lv)
     wall = time.perf_counter() - t0
-    return _write_outputs(study, out, tasks, done, ran, reused, wall, report_md, command, engine)
+    return _write_outputs(study, out, tasks, done, ran, reused, wall, report_md, command, engine, jobs)
 
 
 def _write_outputs(study: Study, out: Path, tasks: list[Task], done: dict[str, dict], ran: list[str],
                    reused: list[str], wall: float, report_md: Path | str | None, command: str,
-                   engine: str | None) -> StudyOutcome:
+                   engine: str | None, jobs: int = 1) -> StudyOutcome:
     g = study.grid
     targets = g.output.accuracy_targets
     results = [done[_task_key(t)] for t in tasks if _task_key(t) in done]  # grid order, then seed
     rows = [result_row(d, study.axis_names, study.tag_names, targets) for d in results]
-    metric_cols = _metric_list(targets)
-    columns = [*ROW_FIXED, *study.axis_names, *study.tag_names, "dataset", "rounds", *metric_cols,
+    ref = g.output.reference
+    if ref is not None:
+        add_reference(rows, study.axis_names, ref)
+    metric_cols = _metric_list(targets, ref is not None)
+    columns = [*ROW_FIXED, *study.axis_names, *study.tag_names, "dataset", "engine", "rounds_done", *metric_cols,
                "accuracy_rounds", "labels_rounds"]
     write_csv(out / "results.csv", rows, columns)
     round_rows = []
@@ -1210,21 +1342,30 @@ def _write_outputs(study: Study, out: Path, tasks: list[Task], done: dict[str, d
     failed = [_task_key(t) for t in tasks if done.get(_task_key(t), {}).get("status") == "failed"]
     pending = sum(1 for t in tasks if _task_key(t) not in done)
     cmd = command or f"fogfl study {study.path or 'GRID.yaml'} --out {out}"
-    markdown = render_markdown(study, rows, cmd)
-    (out / "tables.md").write_text(markdown)
-    if report_md:
-        splice_markdown(Path(report_md), g.name, markdown)
     try:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         load = "?"
+    try:
+        prev = json.loads((out / "study.json").read_text())
+        history = prev.get("invocations") or ([{"ran": prev["ran"], "reused": prev["reused"], "wall_s": prev["wall_s"],
+                                                "jobs": 1, "loadavg_at_end": prev.get("loadavg", "?"),
+                                                "finished_at": prev.get("finished_at", "")}] if "ran" in prev else [])
+    except (OSError, ValueError, AttributeError, KeyError):
+        history = []
+    history.append({"ran": len(ran), "reused": len(reused), "wall_s": round(wall, 2), "jobs": jobs,
+                    "loadavg_at_end": load, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     info = {"name": g.name, "cells": len(study.cells), "runs": len(tasks), "engine": engine or g.engine,
             "ok": len(results) - len(failed), "failed": len(failed), "pending": pending, "ran": len(ran),
             "reused": len(reused), "wall_s": wall, "loadavg": load, "cpus": os.cpu_count() or 0,
-            "run_wall_s_sum": sum(done[k].get("timing", {}).get("wall_s", 0.0) for k in ran),
+            "run_wall_s_sum": sum(d.get("timing", {}).get("wall_s", 0.0) for d in results),
             "ran_cells": ran, "reused_cells": reused, "failed_cells": failed,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "invocations": history}
     _atomic_json(out / "study.json", info)
+    markdown = render_markdown(study, rows, cmd, info)
+    (out / "tables.md").write_text(markdown)
+    if report_md:
+        splice_markdown(Path(report_md), g.name, markdown)
     plots: list[tuple[str, Path]] = []
     if g.output.plots and rows:
         try:
@@ -1247,6 +1388,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cells", type=int, metavar="N", help="run at most N unfinished cell-seeds, then stop")
     p.add_argument("--report-md", metavar="FILE",
                    help="write the study's tables as Markdown (replaces its <!-- study:NAME --> block if present)")
+    p.add_argument("--plots-to", metavar="DIR", help="also copy the plots here as <study-name>-<plot>.png (e.g. docs/study)")
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -1272,9 +1414,17 @@ def cmd_study(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"study-{_slug(study.grid.name)}"
     cmd = " ".join(["fogfl study", str(args.grid), "--out", str(out)]
                    + (["--engine", args.engine] if args.engine else [])
-                   + (["--report-md", str(args.report_md)] if args.report_md else []))
+                   + (["--report-md", str(args.report_md)] if args.report_md else [])
+                   + (["--plots-to", str(args.plots_to)] if args.plots_to else []))
     res = run_study(study, out, engine=args.engine, jobs=args.jobs, max_cells=args.max_cells,
                     progress=not args.quiet, report_md=args.report_md, command=cmd)
+    if args.plots_to:
+        dest = Path(args.plots_to)
+        dest.mkdir(parents=True, exist_ok=True)
+        wanted = study.grid.output.publish_plots
+        for png in sorted((out / "plots").glob("*.png")):
+            if wanted is None or png.stem in wanted:
+                shutil.copyfile(png, dest / f"{_slug(study.grid.name)}-{png.name}")
     print(f"study {study.grid.name}: ran {len(res.ran)}, reused {len(res.reused)}, failed {len(res.failed)}, "
           f"pending {res.pending}; {res.wall_s:.1f} s")
     print(f"results: {out / 'results.csv'}\nsummary: {out / 'summary.csv'}\nreport:  {out / 'report.html'}")

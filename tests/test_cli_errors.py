@@ -70,3 +70,10 @@ def test_bad_edge_id():
 def test_missing_config_file():
     line = one_line_error(fogfl("run", "--config", "/nonexistent/x.yaml"))
     assert "/nonexistent/x.yaml" in line
+
+
+def test_malformed_study_grid(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: g\nbase: {presets: [small]}\naxes:\n  samplng: [random]\n")
+    line = one_line_error(fogfl("study", str(grid), "--out", str(tmp_path / "out"), "--quiet", timeout=60))
+    assert "samplng" in line
