@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench lint protos clean
+.PHONY: setup demo test test-fast bench tables lint protos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m deploy.bench $(ARGS)
+
+# regenerate the attack tables in docs/ (about 25 minutes on 2 cores)
+tables: setup
+	$(BIN)/python -m deploy.bench.bench_analytic_table --write-docs
+	$(BIN)/python -m deploy.bench --only attacks
 
 lint: setup
 	$(BIN)/ruff check .

@@ -13,15 +13,22 @@ from pathlib import Path
 
 import deploy.bench as pkg
 
+# experiment-table generators: minutes to tens of minutes; run with --tables or --only NAME
+TABLES = {"attacks", "analytic_table"}
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deploy.bench", description=__doc__)
     ap.add_argument("--only", action="append", default=[], help="run only these benchmarks (repeatable)")
     ap.add_argument("--quick", action="store_true", help="smaller inputs (smoke run)")
     ap.add_argument("--out", default="runs/bench", help="where the JSON results go")
+    ap.add_argument("--tables", action="store_true",
+                    help="also run the experiment-table generators (long: they rewrite docs/attacks-*.md)")
     args = ap.parse_args(argv)
     names = sorted(m.name.removeprefix("bench_") for m in pkgutil.iter_modules(pkg.__path__)
                    if m.name.startswith("bench_"))
+    if not args.tables and not args.only:
+        names = [n for n in names if n not in TABLES]
     if args.only:
         unknown = set(args.only) - set(names)
         if unknown:
