@@ -337,6 +337,10 @@ class Fed2(FedAvg):
         self._classes: list[list[int]] = []
         self._shared_key = -1
 
+
+    def configure(self, round_: int, train: TrainConfig) -> TrainConfig:
+        """Class-weighted variants need the fogs' per-class counts; the default does not ask."""
+        return train.model_copy(update={"report_label_counts": self.weighting != "samples"})
     def begin_round(self, global_params: Mapping[str, np.ndarray], spec: dict) -> None:
         if spec.get("arch") != "fed2":
             raise ConfigError(f"strategy fed2 needs model.arch=fed2, the model is {spec.get('arch')!r}")

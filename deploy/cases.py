@@ -31,8 +31,11 @@ def make_capture(
     fog_id: str = "fog-0",
     source: str = "case",
     note: str = "",
+    peers: list[str] | None = None,
 ) -> Capture:
-    """Run the fog's trainer on (x, y) from ``served`` (default: a fresh model from ``seed``)."""
+    """Run the fog's trainer on (x, y) from ``served`` (default: a fresh model from ``seed``).
+    ``peers``: the round's selected fogs, for secure-aggregation masking (default: this fog alone,
+    which leaves the update unmasked but scaled by its sample count)."""
     train = train or TrainConfig(update_kind="gradient")
     if served is None:
         served = get_params(build_model(spec, seed=seed))
@@ -43,7 +46,7 @@ def make_capture(
         from fog.defenses import apply_defenses
 
         update = apply_defenses(update, defense, rng=np.random.default_rng(seed), fog_id=fog_id,
-                                round_=round_, peers=[fog_id], num_samples=res.num_samples)
+                                round_=round_, peers=peers or [fog_id], num_samples=res.num_samples)
         defense_json = defense.model_dump_json()
     served_payload = encode_tensors(served)
     update_payload = encode_tensors(update)

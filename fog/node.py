@@ -193,7 +193,8 @@ class FogNode:
             update_kind=train.update_kind, hparams=res.hparams, total_bytes=len(payload),
             labels_total=len(self.pool), edge_bytes_up=self.edge_bytes_up.get(ann.round, 0),
             edge_bytes_down=self.edge_bytes_down.get(ann.round, 0), defense=defense_json,
-            train_loss=res.loss, label_counts={int(c): int(n) for c, n in enumerate(counts) if n},
+            train_loss=res.loss,
+            label_counts={int(c): int(n) for c, n in enumerate(counts) if n} if train.report_label_counts else {},
         )
         log.info("%s round %d: trained on %d samples (loss %.4f, %d steps)", self.fog_id, ann.round,
                  res.num_samples, res.loss, res.hparams.steps)

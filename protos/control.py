@@ -34,6 +34,9 @@ class TrainConfig(_Strict):
     prox_mu: float = Field(0.0, ge=0)
     shuffle: bool = True
     train_on: Literal["pool", "round"] = Field("pool", description="whole pool, or only this round's samples")
+    report_label_counts: bool = Field(
+        False, description="send per-class sample counts with the update (only strategies that weight by "
+                           "class need them; they tell an attacker the batch's labels)")
 
 
 class Announcement(_Strict):

@@ -69,11 +69,18 @@ def test_wasserstein_distance_zero_iff_equal_and_keeps_coordinates():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in d)
 
 
-def test_wdlg_recovers_a_digit():
+def test_wdlg_recovers_a_digit_and_offers_the_kr_distance():
     cap, x, y = _cap(1, 1)
-    rec = REGISTRY["wdlg"](seed=1, distance="sliced").reconstruct(cap)
+    rec = REGISTRY["wdlg"](seed=1).reconstruct(cap)
+    assert rec.stats["distance"] == "sliced-w2-rows+l2"
     sc = score(rec.x, rec.y, x, y)
     assert sc["label_acc"] == 1.0 and sc["psnr_max"] >= 30.0
+    losses = []
+    rec = REGISTRY["wdlg"](seed=1, distance="kr", iterations=5, progress_every=1).reconstruct(
+        cap, lambda d, t, info: losses.append(info["loss"]))
+    assert rec.stats["distance"] == "wasserstein-kr-rows" and losses[-1] < losses[0]
+    with pytest.raises(AttackError, match="unknown distance"):
+        REGISTRY["wdlg"](distance="emd")
 
 
 @pytest.mark.parametrize("train", [

@@ -51,3 +51,21 @@ def test_network_and_inprocess_agree(tmp_path):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-4)
         for key in ("labels_used", "bytes_up", "bytes_down", "edge_bytes_up", "edge_bytes_down", "updates"):
             assert ra[key] == rb[key], key
+
+
+@pytest.mark.parametrize("weighting, expect_counts", [("samples", False), ("classes", True)])
+def test_label_counts_sent_only_when_the_strategy_asks(weighting, expect_counts):
+    """Per-class counts tell an attacker the batch's labels: fogs send them only to a strategy
+    that weights by class (Fed2 with class weighting)."""
+    cfg = load_config([CONFIG_DIR / "default.yaml", CONFIG_DIR / "small.yaml"],
+                      ["rounds=1", "model.arch=fed2", "cloud.strategy=fed2", f"cloud.fed2_weighting={weighting}"],
+                      use_env=False)
+    seen = []
+    engine = InProcessEngine(cfg, None, observers=[seen.append])
+    engine.run_round()
+    assert len(seen) == 2
+    for obs in seen:
+        counts = dict(obs.header.label_counts)
+        assert bool(counts) == expect_counts
+        if expect_counts:
+            assert sum(counts.values()) == obs.header.num_samples
