@@ -986,7 +986,8 @@ def render_markdown(study: Study, rows: list[dict], command: str, info: dict | N
                                                                    for r in failed[:5]))
         parts.append("")
     if info and info.get("invocations"):
-        longest = max(info["invocations"], key=lambda i: i["ran"])
+        most = max(i["ran"] for i in info["invocations"])
+        longest = [i for i in info["invocations"] if i["ran"] == most][-1]  # the latest of those
         parts.append(f"Compute: {info['runs']} runs ({info['cells']} cells × {len(g.seeds)} seeds, {info['engine']} "
                      f"engine); their wall times sum to {info['run_wall_s_sum'] / 60:.1f} min. The invocation that "
                      f"ran the most ({longest['ran']} runs, {longest['jobs']} job(s)) took {longest['wall_s'] / 60:.1f} "
@@ -1103,9 +1104,13 @@ def plot_heatmap(rows: list[dict], r_axis: str, c_axis: str, metrics: Sequence[s
                  for cv in c_vals] for rv in r_vals]
         vals = [[float("nan") if v is None else v for v in line] for line in grid]
         im = ax.imshow(vals, cmap="viridis", aspect="auto")
+        finite = [v for line in grid for v in line if v is not None]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
         for i, line in enumerate(grid):
             for j, v in enumerate(line):
-                ax.text(j, i, "—" if v is None else f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
+                light = v is not None and hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis is light at the top
+                ax.text(j, i, "—" if v is None else f"{v:.3g}", ha="center", va="center", fontsize=7,
+                        color="k" if light else "w")
         ax.set_xticks(range(len(c_vals)), c_vals, fontsize=7, rotation=30)
         ax.set_yticks(range(len(r_vals)), r_vals, fontsize=7)
         ax.set_xlabel(c_axis, fontsize=8)
@@ -1121,34 +1126,46 @@ def plot_heatmap(rows: list[dict], r_axis: str, c_axis: str, metrics: Sequence[s
 
 
 def plot_tradeoff(study: Study, rows: list[dict], path: Path) -> Path | None:
-    """Final accuracy against leakage (mean SSIM of the best attack), one point per defense."""
+    """Final accuracy against leakage (mean SSIM / PSNR of the best attack): colour = defense,
+    marker = the combination of the other axes (one point per cell, mean ± std over seeds)."""
     ok = [r for r in rows if r.get("status") == "ok" and _num(r.get("leak_ssim_mean")) is not None]
     if not ok:
         return None
     plt = _plt()
-    fig, axs = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    from matplotlib.lines import Line2D
+
+    others = [a for a in study.axis_names if a != "defense"]
+    combos = list(dict.fromkeys(tuple(str(r[a]) for a in others) for r in ok))
+    markers = "osD^vP*Xh<>"
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     cmap = plt.get_cmap("tab10")
-    for li, lv in enumerate(study.axes["defense"]):
-        sel = [r for r in ok if r["defense"] == lv.label]
-        if not sel:
-            continue
-        acc_m, acc_s, _ = mean_std(r["final_accuracy"] for r in sel)
-        for ax, metric in zip(axs, ("leak_ssim_mean", "leak_psnr_mean"), strict=True):
-            mu, sd, _ = mean_std(r.get(metric) for r in sel)
-            if mu is None:
+    defenses = [lv.label for lv in study.axes["defense"]]
+    for li, dname in enumerate(defenses):
+        for ci, combo in enumerate(combos):
+            sel = [r for r in ok if r["defense"] == dname and tuple(str(r[a]) for a in others) == combo]
+            if not sel:
                 continue
-            ax.errorbar(mu, acc_m, xerr=sd or 0, yerr=acc_s or 0, fmt="o", color=cmap(li % 10), capsize=3,
-                        label=lv.label)
-            ax.annotate(lv.label, (mu, acc_m), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            acc_m, acc_s, _ = mean_std(r["final_accuracy"] for r in sel)
+            for ax, metric in zip(axs, ("leak_ssim_mean", "leak_psnr_mean"), strict=True):
+                mu, sd, _ = mean_std(r.get(metric) for r in sel)
+                if mu is None:
+                    continue
+                ax.errorbar(mu, acc_m, xerr=sd or 0, yerr=acc_s or 0, fmt=markers[ci % len(markers)],
+                            color=cmap(li % 10), capsize=2, ms=5, elinewidth=0.8, alpha=0.9)
     for ax, metric in zip(axs, ("leakage: mean SSIM (best attack)", "leakage: mean PSNR dB (best attack)"),
                           strict=True):
         ax.set_xlabel(metric, fontsize=8)
         ax.set_ylabel("final test accuracy", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    axs[0].legend(fontsize=7, title="defense", title_fontsize=7)
-    fig.suptitle(f"{study.grid.name}: accuracy–leakage trade-off (means over seeds and other axes)", fontsize=9)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=cmap(i % 10), marker="o", ls="", label=d) for i, d in enumerate(defenses)]
+    if others:
+        handles += [Line2D([], [], color="k", mfc="none", marker=markers[i % len(markers)], ls="",
+                           label=", ".join(f"{a}={v}" for a, v in zip(others, c, strict=True)))
+                    for i, c in enumerate(combos)]
+    fig.legend(handles=handles, fontsize=7, loc="center right", title="defense / other axes", title_fontsize=7)
+    fig.suptitle(f"{study.grid.name}: accuracy–leakage trade-off (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
