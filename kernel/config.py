@@ -36,6 +36,9 @@ class DataConfig(_Strict):
         default_factory=lambda: [[0, 1], [2, 3], [4, 5, 6], [7, 8, 9]],
         description="classes per edge group (partition=classes); edge i gets group i mod len",
     )
+    partition_level: Literal["edge", "fog"] = Field(
+        "edge", description="partition over edges (each edge its own share), or over fogs (heterogeneity "
+                            "between the federation's participants; a fog's share split iid over its edges)")
     max_samples: int = Field(0, ge=0, description="use at most this many samples (0 = all)")
     image_size: int = Field(0, ge=0, description="folder datasets: resize to this square size (0 = keep)")
 

@@ -232,8 +232,19 @@ def make_splits(cfg: RunConfig, ds: Dataset) -> Splits:
             warm_parts.append(rest[ds.y[rest] == c][:per_class])
     warm = np.sort(np.concatenate(warm_parts)) if warm_parts else np.empty(0, dtype=np.int64)
     pool = rest[~np.isin(rest, warm)]
-    edges = partition_indices(
-        ds.y, pool, cfg.num_edges(), cfg.data.partition, alpha=cfg.data.alpha,
-        class_split=cfg.data.class_split, seed=cfg.seed,
-    )
+    if cfg.data.partition_level == "fog":
+        # heterogeneity between the federation's participants: partition over fogs, then share
+        # each fog's part out evenly (iid) among its edges
+        fogs = partition_indices(
+            ds.y, pool, cfg.topology.fogs, cfg.data.partition, alpha=cfg.data.alpha,
+            class_split=cfg.data.class_split, seed=cfg.seed,
+        )
+        edges = []
+        for f, part in enumerate(fogs):
+            edges += partition_indices(ds.y, part, cfg.topology.edges_per_fog, "iid", seed=cfg.seed * 1000 + f)
+    else:
+        edges = partition_indices(
+            ds.y, pool, cfg.num_edges(), cfg.data.partition, alpha=cfg.data.alpha,
+            class_split=cfg.data.class_split, seed=cfg.seed,
+        )
     return Splits(test=np.sort(test), warm=warm, pool=pool, edges=edges)

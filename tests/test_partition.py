@@ -127,3 +127,26 @@ def test_bad_arguments(labels, n_parts, scheme, kw, needle):
     with pytest.raises(ConfigError) as e:
         partition_indices(y, pool, n_parts, scheme, **kw)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_partition_level_fog_puts_class_groups_on_fogs():
+    """With partition_level=fog the 2/2/3/3 split is between fogs (the FL participants): every
+    edge of fog f holds only group f's classes, even with many edges per fog."""
+    from kernel.config import build_config
+    from kernel.data import load_dataset, make_splits
+
+    cfg = build_config([], [("topology.fogs", 4), ("topology.edges_per_fog", 5), ("data.partition", "classes"),
+                            ("data.partition_level", "fog")], use_env=False)
+    ds = load_dataset(cfg.data)
+    sp = make_splits(cfg, ds)
+    groups = cfg.data.class_split
+    all_idx = np.concatenate(sp.edges)
+    assert len(all_idx) == len(np.unique(all_idx)) == len(sp.pool)
+    for f in range(4):
+        for j in range(5):
+            part = sp.edges[f * 5 + j]
+            assert len(part) > 0
+            assert set(np.unique(ds.y[part]).tolist()) <= set(groups[f])
+    edge_level = make_splits(cfg.model_copy(update={"data": cfg.data.model_copy(update={"partition_level": "edge"})}), ds)
+    fog0 = np.concatenate(edge_level.edges[:5])
+    assert len(set(np.unique(ds.y[fog0]).tolist())) == 10  # at edge level fog-0 sees every class
