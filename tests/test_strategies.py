@@ -273,8 +273,13 @@ def clean_fedavg(digits_federation):
     return _final(digits_federation, FedAvg())
 
 
+@pytest.fixture(scope="module")
+def clean_krum(digits_federation):
+    return _final(digits_federation, Krum(faulty=2))
+
+
 @pytest.mark.parametrize("factor", [-10.0, 50.0, -1.0], ids=["x-10", "x50", "sign-flip"])
-def test_robust_aggregators_survive_scaled_and_flipped_updates(digits_federation, clean_fedavg, factor):
+def test_robust_aggregators_survive_scaled_and_flipped_updates(digits_federation, clean_fedavg, clean_krum, factor):
     """10 fogs on IID digits, 2 of them attackers. Median stays within 2 points of clean FedAvg;
     plain Krum (one fog's update per round, which costs accuracy even without attack) within 5,
     Multi-Krum and the trimmed mean within 2; FedAvg under a scaling attack collapses."""
@@ -286,6 +291,7 @@ def test_robust_aggregators_survive_scaled_and_flipped_updates(digits_federation
     assert med >= clean_fedavg - 0.02, (med, clean_fedavg)
     krum = _final(digits_federation, Krum(faulty=2), att)
     assert krum >= clean_fedavg - 0.05, (krum, clean_fedavg)
+    assert krum >= clean_krum - 0.02, (krum, clean_krum)  # the attack costs Krum nothing
     if factor == -10.0:
         mkrum = _final(digits_federation, Krum(faulty=2, multi=8), att)
         assert mkrum >= clean_fedavg - 0.02, (mkrum, clean_fedavg)
