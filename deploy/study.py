@@ -527,21 +527,7 @@ def plan_study(data: dict, path: Path | None = None) -> Study:
 
 def load_study(path: Path | str) -> Study:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"grid file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"grid file {path} is unreadable ({exc.__class__.__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"grid file {path}:{where} is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"grid file {path} must hold a mapping at the top level")
-    return plan_study(data, path)
+    return plan_study(read_yaml(path, kind="grid file"), path)
 
 
 # =============================================================================== one cell

@@ -189,26 +189,27 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, A
     return out
 
 
-def read_yaml(path: Path | str) -> dict:
+def read_yaml(path: Path | str, kind: str = "config file") -> dict:
+    """A YAML mapping from ``path``; every failure is a one-line ConfigError naming the ``kind`` of file."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"{kind} {path} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"{kind} {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        raise ConfigError(f"{kind} {path} is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}:{where} is not valid YAML") from None
+        raise ConfigError(f"{kind} {path}:{where} is not valid YAML") from None
     if data is None:  # an empty file (or only comments) is an empty layer
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigError(f"{kind} {path} must hold a mapping at the top level")
     return data
 
 
