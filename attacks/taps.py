@@ -15,14 +15,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kernel.errors import ConnectError
+from kernel.rpc import start_server
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.capture import build_capture, write_capture
@@ -117,18 +115,8 @@ class TapProxy(pb_grpc.AggregatorServicer):
 
 def start_tap(listen: tuple[str, int], upstream: tuple[str, int], out_dir: Path | str) -> tuple[grpc.Server, int, TapProxy]:
     proxy = TapProxy(f"{upstream[0]}:{upstream[1]}", out_dir)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_AggregatorServicer_to_server(proxy, server)
-    hs = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    try:
-        port = server.add_insecure_port(f"{listen[0]}:{listen[1]}")
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise ConnectError(f"tap cannot listen on {listen[0]}:{listen[1]}: port in use or address not available")
-    server.start()
-    hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    server, port, _ = start_server(lambda srv: pb_grpc.add_AggregatorServicer_to_server(proxy, srv), *listen,
+                                   hint=" (the tap's --listen address)")
     log.info("tap listening on %s:%d, forwarding to %s:%d, captures in %s", listen[0], port, *upstream, out_dir)
     return server, port, proxy
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 
 from cloud.node import CloudNode
 from kernel.config import RunConfig
 from kernel.errors import ConnectError
 from kernel.mqtt import MqttLink, wait_until
+from kernel.rpc import start_server
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import (
@@ -90,24 +90,15 @@ def start_grpc_server(servicer: pb_grpc.AggregatorServicer, host: str, port: int
     """Bind, register the Aggregator and the health service, start. Port 0 picks a free port.
     An :class:`AggregatorServicer` gets the zero-copy registration; any other servicer the
     generated one."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    if isinstance(servicer, AggregatorServicer):
-        server.add_generic_rpc_handlers((_aggregator_handler(servicer),))
-    else:
-        pb_grpc.add_AggregatorServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise ConnectError(f"cannot listen on {host}:{port}: port in use or address not available "
-                           "(choose another with --set cloud.port=N)")
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound, health_servicer
+
+    def register(server: grpc.Server) -> None:
+        if isinstance(servicer, AggregatorServicer):
+            server.add_generic_rpc_handlers((_aggregator_handler(servicer),))
+        else:
+            pb_grpc.add_AggregatorServicer_to_server(servicer, server)
+
+    return start_server(register, host, port, workers=workers, services=(SERVICE_NAME,),
+                        hint=" (choose another with --set cloud.port=N)")
 
 
 class CloudService:
