@@ -190,6 +190,72 @@ def _grad_match(
     return MatchResult(best[1], best[2], best[0], it)
 
 
+def row_space_fixed_point(
+    model: nn.Sequential,
+    target: list[torch.Tensor],
+    labels: torch.Tensor,
+    basis: torch.Tensor,
+    shape: tuple[int, ...],
+    *,
+    starts: int = 200,
+    iters: int = 300,
+    seed: int = 0,
+    tol: float = 1e-12,
+) -> MatchResult:
+    """Exact batch recovery in the row space of the first dense layer's gradient (h ≥ B).
+
+    With X = A·V (V: the B basis rows of ``basis``, A: B×B unknown) the first layer's gradient is
+    ``G₁ = Dᵀ X`` where D (B×h) holds ∂L/∂z₁ of each sample, so ``M := G₁Vᵀ = Dᵀ A``. Given A, the
+    network gives D(A·V); given D, A is the least-squares solution of ``Dᵀ A = M``. We iterate this
+    (damped by ½) from random U[0,1] starts and keep the A whose full gradient matches best. D has
+    rank B only when h ≥ B, which is where the map is solvable; below it the iteration has nothing
+    to converge to. Works for any dense-first model (the rest of the network is used as is)."""
+    idx = next(i for i, m in enumerate(model) if isinstance(m, nn.Linear))
+    first, rest = model[idx], model[idx + 1 :]
+    b = shape[0]
+    V = basis.to(torch.float64)
+    M = target[0].reshape(target[0].shape[0], -1).to(torch.float64) @ V.T  # h × B
+    params = list(model.parameters())
+    norm = sum(float((t**2).sum()) for t in target) or 1.0
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+
+    def dz(A: torch.Tensor) -> torch.Tensor:
+        z = (A @ V) @ first.weight.T.to(torch.float64) + first.bias.to(torch.float64)
+        z = z.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_fn(rest(z), labels), z)
+        return g  # B × h
+
+    def grad_loss(A: torch.Tensor) -> float:
+        x = (A @ V).reshape(shape)
+        grads = torch.autograd.grad(loss_fn(model(x), labels), params)
+        return float(sum(((g - t) ** 2).sum() for g, t in zip(grads, target, strict=True)) / norm)
+
+    best = (math.inf, None)
+    tried = 0
+    with one_thread():
+        while tried < starts:
+            tried += 1
+            A = torch.rand((b, V.shape[1]), generator=gen, dtype=torch.float64) @ V.T
+            for _ in range(iters):
+                D = dz(A)
+                sol = torch.linalg.lstsq(D.T, M).solution
+                if not torch.isfinite(sol).all():
+                    break
+                done = float((sol - A).norm()) < 1e-13
+                A = 0.5 * A + 0.5 * sol
+                if done:
+                    break
+            gl = grad_loss(A)
+            if gl < best[0]:
+                best = (gl, A)
+            if best[0] < tol:
+                break
+    A = best[1] if best[1] is not None else torch.zeros((b, b), dtype=torch.float64)
+    x = (A @ V).reshape(shape).clamp(0.0, 1.0)
+    return MatchResult(x.to(torch.float32), best[0], best[0], tried)
+
+
 def row_space(gw: np.ndarray, batch: int, rel_tol: float = 1e-7) -> tuple[torch.Tensor | None, int]:
     """Orthonormal basis (r × d) of the row space of the first layer's weight gradient ``Δᵀ X``.
 
@@ -238,6 +304,14 @@ def minimal_reconstruct(capture: Capture, options: dict, progress: Progress | No
         stats.update(grad_rank=rank, subspace=basis is not None)
     restarts = max(1, int(options.get("restarts", 1)))
     target = _target(model, grad)
+    if basis is not None and isinstance(model, nn.Sequential) and bool(options.get("fixed_point", True)):
+        fp = row_space_fixed_point(model, target, torch.from_numpy(labels), basis, (batch, *in_shape),
+                                   starts=int(options.get("fp_starts", 200)), iters=int(options.get("fp_iters", 300)),
+                                   seed=int(options.get("seed", 0)))
+        stats.update(fixed_point_starts=fp.iterations, fixed_point_grad_loss=fp.grad_loss)
+        if fp.grad_loss < float(options.get("fp_accept", 1e-8)):
+            stats.update(method="row-space fixed point", iterations=0, loss=fp.loss, grad_loss=fp.grad_loss)
+            return Reconstruction(fp.x.numpy(), labels, stats)
     res, total_it = None, 0
     for r in range(restarts):
         cand = grad_match(
@@ -260,7 +334,8 @@ def minimal_reconstruct(capture: Capture, options: dict, progress: Progress | No
 @register
 class MinimalStructure(Attack):
     name = "minimal"
-    summary = "minimal-structure batch recovery: labels, then gradient matching from U[0,1] + orthogonality prior"
+    summary = ("minimal-structure batch recovery: labels, then the row-space fixed point (exact when h >= B), "
+               "else gradient matching from U[0,1] + orthogonality prior")
 
     def _reconstruct(self, capture: Capture, progress: Progress | None) -> Reconstruction:
         return minimal_reconstruct(capture, self.options, progress)

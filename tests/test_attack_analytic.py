@@ -76,14 +76,17 @@ def test_batch_falls_back_to_minimal_and_reports_condition(digits):
     cap = make_capture(_mlp(16, "leaky_relu"), x, y)
     rec = Analytic(iterations=300).reconstruct(cap)
     assert rec.stats["fallback"] == "minimal" and rec.stats["condition_holds"] is True
-    assert rec.stats["hidden_units"] == 16 and rec.stats["iterations"] >= 1 and "grad_loss" in rec.stats
+    assert rec.stats["hidden_units"] == 16 and "grad_loss" in rec.stats
+    assert rec.stats["iterations"] >= 1 or rec.stats["fixed_point_starts"] >= 1  # it did some work
 
 
 def test_minimal_structure_success_when_h_ge_b_and_failure_when_h_much_smaller():
     torch.set_num_threads(1)
     ok = minimal_cell(32, 4, iterations=2000, restarts=2)  # stops early once matched (~1e-10)
+    boundary = minimal_cell(4, 4, iterations=2000, restarts=2)  # h = B: still exact (row-space fixed point)
     bad = minimal_cell(1, 4, iterations=1000, restarts=1)  # unidentifiable: matching succeeds, images don't
     assert ok["condition_holds"] and ok["psnr_mean"] >= 40 and ok["success_rate"] == 1.0, ok
+    assert boundary["condition_holds"] and boundary["psnr_mean"] >= 40 and boundary["success_rate"] == 1.0, boundary
     assert not bad["condition_holds"] and bad["psnr_mean"] < 20 and bad["success_rate"] == 0.0, bad
 
 
