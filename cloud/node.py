@@ -232,9 +232,9 @@ class CloudNode:
                 rnd.aggregated += 1
             del update
             served = rnd.served.get(header.fog_id, self._payload)
+            obs = UpdateObservation(header.fog_id, header.round, self.version, self.arch_json, served, header,
+                                    payload, transformed)
             self._arrived.notify_all()
-        obs = UpdateObservation(header.fog_id, header.round, self.version, self.arch_json, served, header,
-                                payload, transformed)
         for observer in self.observers:
             try:
                 observer(obs)

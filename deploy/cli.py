@@ -40,9 +40,7 @@ def config_from_args(args: argparse.Namespace, base_default: bool = True) -> Run
     sets = list(args.set or [])
     mqtt = getattr(args, "mqtt", None)
     if mqtt:
-        host, _, port = mqtt.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"--mqtt expects HOST:PORT, got {mqtt!r}")
+        host, port = parse_hostport(mqtt, "--mqtt")
         sets += [f"mqtt.host={host}", f"mqtt.port={port}"]
     return load_config(paths, sets)
 

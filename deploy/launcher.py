@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.broker import free_port
 from kernel.config import RunConfig, dump_config
 from kernel.errors import ConnectError, FogflError
 from kernel.mqtt import MqttLink
@@ -42,12 +43,6 @@ class Child:
     name: str
     proc: subprocess.Popen
     log_path: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
@@ -112,7 +107,7 @@ class NetworkRun:
     def start(self) -> None:
         cfg = self.cfg
         if cfg.mqtt.host is None:
-            port = _free_port()
+            port = free_port()
             broker = self._spawn("broker", ["broker", "--host", "127.0.0.1", "--port", str(port)])
             if not _wait_port("127.0.0.1", port, 30, broker.proc):
                 raise RunFailed(f"embedded broker did not start: {self._last_line(broker)}")
@@ -121,7 +116,7 @@ class NetworkRun:
             if not _wait_port(cfg.mqtt.host, cfg.mqtt.port, 3):
                 raise ConnectError(f"cannot reach MQTT broker at {cfg.mqtt.host}:{cfg.mqtt.port}")
         if not cfg.cloud.port:
-            cfg.cloud.port = _free_port()
+            cfg.cloud.port = free_port()
         cfg_path = self.out / "config.yaml"
         cfg_path.write_text(dump_config(cfg))
         common = ["--config", str(cfg_path)]
@@ -267,7 +262,7 @@ def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack:
     if attack:
         from deploy.leakage import leakage_check
 
-        metrics["leakage"] = leakage_check(run_dir / "captures", run_dir / "leakage", progress=not quiet)
+        metrics["leakage"] = leakage_check(run_dir / "captures", run_dir / "leakage")
     metrics_path.write_text(json.dumps(metrics, indent=2))
     plot_accuracy(metrics, run_dir / "accuracy.png")
     if not quiet:

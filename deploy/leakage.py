@@ -19,7 +19,7 @@ METHODS = ["analytic-rows"]
 OPTIONS: dict[str, dict] = {}
 
 
-def leakage_check(captures_dir: Path, out_dir: Path, progress: bool = False, methods: list[str] | None = None) -> dict:
+def leakage_check(captures_dir: Path, out_dir: Path, methods: list[str] | None = None) -> dict:
     caps = sorted(Path(captures_dir).glob("*.fcap"))
     if not caps:
         return {"summary": "no captures to attack"}
