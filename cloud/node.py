@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from cloud.strategies import make_strategy
+from cloud.strategies import Admitted, AggregationError, make_strategy
 from kernel.config import RunConfig
 from kernel.data import Dataset, Splits, load_dataset, make_splits
 from kernel.models import arch_spec, build_model, export_onnx, get_params, set_params
 from protos import fogfl_pb2 as pb
-from protos.codec import decode_tensors, encode_tensors, sha256_hex
+from protos.codec import decode_tensors, encode_tensors, payload_digest
 from protos.control import Announcement, RoundMetrics, TrainConfig
 from protos.errors import WireError
 
@@ -76,6 +76,8 @@ class _Round:
     bytes_down: int = 0
     rejected: int = 0
     aggregated: int = 0
+    folds: list[Future] = field(default_factory=list)  # fold-ins of accepted updates under way
+    fold_errors: int = 0
 
 
 class CloudNode:
@@ -109,10 +111,13 @@ class CloudNode:
         self._arrived = threading.Condition(self._lock)  # notified on every accepted update
         self._ckpt_pool: ThreadPoolExecutor | None = None
         self._ckpt_futures: list = []
+        self._fold_pool: ThreadPoolExecutor | None = None
+        self._fold_slots = threading.BoundedSemaphore(self.FOLD_BACKLOG + 1)  # + the one being folded
+        self.fold_errors_total = 0
         self._warm_start()
         self.params = get_params(self.model)
         self._payload = encode_tensors(self.params)
-        self._payload_sha256 = sha256_hex(self._payload)  # once per version, not per download
+        self._payload_digest = payload_digest(self._payload)  # once per version, not per download
         self.strategy = make_strategy(cfg.cloud, cfg.train)
         self.initial_accuracy, self.initial_loss = self.evaluate()
         log.info("cloud ready: %s, %d params, initial accuracy %.3f", self.spec["arch"],
@@ -199,21 +204,39 @@ class CloudNode:
                                     total_bytes=len(payload), train_json=train.model_dump_json() if train else "")
             return header, payload
 
-    def payload_sha256(self, payload: bytes) -> str | None:
-        """The sha256 (hex) of ``payload`` if it is the global model's payload (hashed once per
-        version), else None (e.g. a payload transformed for one fog)."""
+    def payload_digest(self, payload: bytes) -> str | None:
+        """The transfer digest (:func:`protos.codec.payload_digest`) of ``payload`` if it is the
+        global model's payload (hashed once per version), else None (e.g. a payload transformed
+        for one fog)."""
         with self._lock:
-            return self._payload_sha256 if payload is self._payload else None
+            return self._payload_digest if payload is self._payload else None
 
-    def receive_update(self, header: pb.UpdateHeader, payload: bytes) -> pb.UploadAck:
+    def receive_update(self, header: pb.UpdateHeader, payload: bytes | memoryview) -> pb.UploadAck:
+        """Check an uploaded update and accept or reject it.
+
+        Accepted means: the header fits the open round, the tensors have the model's names, shapes
+        and dtype and hold no NaN or infinity, and the strategy admitted it. The ack goes back then;
+        the fold-in of the values into the aggregate (the one pass over the update that is not a
+        check) runs on the node's fold worker, in acceptance order, and :meth:`finish_round` waits
+        for it. At most :attr:`FOLD_BACKLOG` accepted updates wait for their fold; a receiver
+        beyond that blocks before acknowledging, so memory stays bounded whatever the fan-in.
+        ``payload`` is only read (any bytes-like object; the update's arrays are views into it).
+        """
         with self._lock:
             rnd = self.current
             reason = self._check(header, rnd)
+            admitted: Admitted | None = None
             if reason is None:
                 try:
-                    update = decode_tensors(payload, copy=False)  # read-only views: only read and folded in
+                    # read-only views, unaligned allowed: only checked and folded, never copied
+                    update = decode_tensors(payload, copy=False, aligned=False)
                     self._check_shapes(update)
-                except WireError as exc:
+                    if header.fog_id not in rnd.transformed:  # type: ignore[union-attr]
+                        meta = {"masked": _masked(header), "label_counts": dict(header.label_counts)}
+                        admitted = self.strategy.admit(header.fog_id, update, int(header.num_samples),
+                                                       header.update_kind, meta)
+                    del update
+                except (WireError, AggregationError) as exc:
                     reason = str(exc)
             if reason is not None:
                 self.rejected_total += 1
@@ -226,11 +249,9 @@ class CloudNode:
             rnd.bytes_up += len(payload)
             self.labels[header.fog_id] = int(header.labels_total)
             transformed = header.fog_id in rnd.transformed
-            if not transformed:
-                meta = {"masked": _masked(header), "label_counts": dict(header.label_counts)}
-                self.strategy.add_update(header.fog_id, update, int(header.num_samples), header.update_kind, meta)
+            if admitted is not None:
+                self._fold_later(rnd, admitted)
                 rnd.aggregated += 1
-            del update
             served = rnd.served.get(header.fog_id, self._payload)
             obs = UpdateObservation(header.fog_id, header.round, self.version, self.arch_json, served, header,
                                     payload, transformed)
@@ -241,6 +262,31 @@ class CloudNode:
             except Exception:
                 log.exception("update observer failed; the round goes on")
         return pb.UploadAck(accepted=True, round=header.round)
+
+    FOLD_BACKLOG = 2
+
+    def _fold_later(self, rnd: _Round, admitted: Admitted) -> None:
+        """Queue an admitted update for the fold worker (called under the node's lock)."""
+        if self._fold_pool is None:
+            self._fold_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fold")
+        self._fold_slots.acquire()  # backpressure: the worker releases a slot per finished fold
+        try:
+            fut = self._fold_pool.submit(self.strategy.fold, admitted)
+        except BaseException:
+            self._fold_slots.release()
+            raise
+        fut.add_done_callback(lambda _f: self._fold_slots.release())
+        rnd.folds.append(fut)
+
+    def _wait_folds(self, rnd: _Round) -> None:
+        """Block until every accepted update of ``rnd`` is folded in. A fold that failed (a bug:
+        everything it could trip on was checked before the ack) is logged and counted."""
+        for fut in rnd.folds:
+            exc = fut.exception()
+            if exc is not None:
+                rnd.fold_errors += 1
+                log.error("round %d: folding an accepted update failed: %r", rnd.number, exc)
+        rnd.folds = []
 
     def _check(self, h: pb.UpdateHeader, rnd: _Round | None) -> str | None:
         if rnd is None:
@@ -270,9 +316,13 @@ class CloudNode:
                 raise WireError(f"update tensor {k}: shape {v.shape} != model's {self.params[k].shape}")
             if v.dtype != np.float32:
                 raise WireError(f"update tensor {k}: dtype {v.dtype}, expected float32")
-            # a float64 sum of float32 values cannot overflow, and NaN/inf propagate: same verdict
-            # as isfinite(v).all() without a temporary the size of the tensor
-            if not np.isfinite(v.sum(dtype=np.float64)):
+            # NaN and infinity propagate through a sum, so a finite float32 sum proves every value
+            # finite, without a temporary the size of the tensor and at memory speed. A sum that
+            # overflowed float32 may still come from finite values: the float64 sum (which cannot
+            # overflow) decides then.
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = np.isfinite(v.sum()) or np.isfinite(v.sum(dtype=np.float64))
+            if not finite:
                 raise WireError(f"update tensor {k} holds NaN or infinity")
 
     def round_complete(self) -> bool:
@@ -298,12 +348,14 @@ class CloudNode:
         with self._lock:
             rnd = self.current
             assert rnd is not None, "no round is open"
+            self._wait_folds(rnd)  # the fold worker never takes the lock: no deadlock
+            self.fold_errors_total += rnd.fold_errors
             enough = len(rnd.received) >= rnd.announcement.min_updates
             if rnd.aggregated and enough:
                 self.params = self.strategy.end_round(self.cfg.train.lr)
                 set_params(self.model, self.params)
                 self._payload = encode_tensors(self.params)
-                self._payload_sha256 = sha256_hex(self._payload)
+                self._payload_digest = payload_digest(self._payload)
                 self.version += 1
             else:
                 log.warning("round %d closed with %d/%d updates (min %d): model kept at v%d", rnd.number,
@@ -336,7 +388,7 @@ class CloudNode:
             if f.exception() is not None:
                 log.error("writing a checkpoint failed: %s", f.exception())
         snapshot = dict(self.params)  # arrays are replaced, never mutated, by finish_round
-        meta = {"version": self.version, "round": self.round_no, "arch": self.spec, "sha256": self._payload_sha256}
+        meta = {"version": self.version, "round": self.round_no, "arch": self.spec, "payload_blake3": self._payload_digest}
         self._ckpt_futures.append(self._ckpt_pool.submit(self._write_checkpoint, self.out_dir / "checkpoints",
                                                          snapshot, meta))
 
@@ -367,6 +419,7 @@ class CloudNode:
                        for m in self.history],
             "final_accuracy": self.history[-1].accuracy if self.history else self.initial_accuracy,
             "rejected_updates": self.rejected_total,
+            "fold_errors": self.fold_errors_total,
         }
 
     def write_metrics(self, path: Path | str | None = None) -> Path | None:

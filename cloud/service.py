@@ -1,4 +1,4 @@
-"""The cloud's network driver: a gRPC Aggregator service (1 MiB chunk streams, sha256 trailer,
+"""The cloud's network driver: a gRPC Aggregator service (1 MiB chunk streams, BLAKE3 trailer,
 standard health service) and the round loop that announces rounds over MQTT."""
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from kernel.rpc import start_server
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import (
-    PayloadDigest,
     assemble_chunks,
     chunk_frames,
     iter_chunks,
@@ -47,22 +46,21 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.node = node
         self.rejected = 0
 
-    def _served(self, request: pb.ModelRequest) -> tuple[pb.ModelHeader, bytes, str | PayloadDigest]:
+    def _served(self, request: pb.ModelRequest) -> tuple[pb.ModelHeader, bytes, str | None]:
         header, payload = self.node.serve_model(request.fog_id, request.round)
         log.debug("serving v%d (%d bytes) to %s", header.version, len(payload), request.fog_id)
-        known = self.node.payload_sha256(payload)  # the global model: hashed once per version
-        # else a payload a serve hook made for this fog: hashed in the background while it streams
-        return header, payload, known if known is not None else PayloadDigest(payload)
+        # the global model is hashed once per version; a payload a serve hook made for this fog
+        # (None here) is hashed chunk by chunk as it streams
+        return header, payload, self.node.payload_digest(payload)
 
     def DownloadModel(self, request: pb.ModelRequest, context):  # noqa: N802 (gRPC naming)
         header, payload, digest = self._served(request)
-        yield from iter_chunks(pb.Chunk(model_header=header), payload,
-                               sha256=digest if isinstance(digest, str) else digest.hexdigest())
+        yield from iter_chunks(pb.Chunk(model_header=header), payload, digest=digest)
 
     def download_frames(self, request: pb.ModelRequest, context) -> Iterator[bytes]:
         """DownloadModel as serialized ``Chunk`` messages (for the pass-through serializer)."""
         header, payload, digest = self._served(request)
-        yield from chunk_frames(pb.Chunk(model_header=header), payload, sha256=digest)
+        yield from chunk_frames(pb.Chunk(model_header=header), payload, digest=digest)
 
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
         try:

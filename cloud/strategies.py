@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -47,6 +48,17 @@ class AggregationError(FogflError, ValueError):
 
 
 Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An update :meth:`Strategy.admit` accepted, waiting for :meth:`Strategy.fold`."""
+
+    fog_id: str
+    update: Mapping[str, np.ndarray]
+    num_samples: int
+    masked: bool
+    meta: Mapping
 
 
 class Strategy:
@@ -91,13 +103,26 @@ class Strategy:
 
     def add_update(self, fog_id: str, update: Mapping[str, np.ndarray], num_samples: int, kind: str,
                    meta: Mapping | None = None) -> None:
+        """Check an update and fold it into the round's aggregate (:meth:`admit` then :meth:`fold`)."""
+        self.fold(self.admit(fog_id, update, num_samples, kind, meta))
+
+    def admit(self, fog_id: str, update: Mapping[str, np.ndarray], num_samples: int, kind: str,
+              meta: Mapping | None = None) -> Admitted:
+        """Check an update against the round (raises AggregationError) and count it in; the work on
+        its values is left to :meth:`fold`. A caller may acknowledge the update once admitted and
+        fold it later (the cloud does, on one worker thread, in admission order), provided every
+        admitted update is folded before :meth:`end_round`."""
         meta = meta or {}
         masked = bool(meta.get("masked", False))
         self._check(fog_id, update, num_samples, kind, masked)
         self._fogs.add(fog_id)
         self._kind = kind
         self._masked = masked
-        self._add(fog_id, update, int(num_samples), masked, meta)
+        return Admitted(fog_id, update, int(num_samples), masked, meta)
+
+    def fold(self, admitted: Admitted) -> None:
+        """Fold an admitted update's values into the aggregate."""
+        self._add(admitted.fog_id, admitted.update, admitted.num_samples, admitted.masked, admitted.meta)
 
     def end_round(self, server_lr: float) -> Params:
         """The new global parameters (float32). With no update, the global model unchanged."""
@@ -249,18 +274,22 @@ class FedAvg(Strategy):
         n = x.size
         if n == 0:
             return
-        if y.dtype == np.float32:
+        if y.dtype == np.float32 and x.flags.aligned:
             r = saxpy(x, y, a=w)
             if r is not y:  # pragma: no cover - f2py wrote a copy (non-contiguous y); never seen
                 y[...] = r
             return
+        # float64 accumulator, or an unaligned view into a received payload (BLAS wrappers would
+        # silently copy the whole tensor): through a small aligned scratch of the accumulator's dtype
         s = self._scratch
-        assert s is not None
+        if s is None or s.dtype != y.dtype:
+            s = self._scratch = np.empty(_CHUNK, dtype=y.dtype)
+        axpy = saxpy if y.dtype == np.float32 else daxpy
         for i in range(0, n, _CHUNK):
             j = min(n, i + _CHUNK)
             buf = s[: j - i]
             np.copyto(buf, x[i:j])
-            daxpy(buf, y[i:j], a=w)
+            axpy(buf, y[i:j], a=w)
 
     def _finish(self, server_lr: float) -> Params:
         acc = self._acc
@@ -376,11 +405,12 @@ class Fed2(FedAvg):
                       num_samples)
         return w
 
-    def _add(self, fog_id: str, update: Mapping[str, np.ndarray], num_samples: int, masked: bool,
-             meta: Mapping) -> None:
-        if masked and len(self._fogs) == 1:
+    def admit(self, fog_id: str, update: Mapping[str, np.ndarray], num_samples: int, kind: str,
+              meta: Mapping | None = None) -> Admitted:
+        admitted = super().admit(fog_id, update, num_samples, kind, meta)
+        if admitted.masked and len(self._fogs) == 1:
             log.warning("fed2: masked updates carry no per-class weights; groups are averaged as FedAvg")
-        super()._add(fog_id, update, num_samples, masked, meta)
+        return admitted
 
 
 def _label_counts(raw) -> dict[int, int]:

@@ -78,12 +78,14 @@ def build_capture(
     source: str,
     arch_json: str,
     model_version: int,
-    served_payload: bytes,
+    served_payload: bytes | memoryview,
     header: pb.UpdateHeader,
-    update_payload: bytes,
+    update_payload: bytes | memoryview,
     captured_at: float,
     note: str = "",
 ) -> pb.Capture:
+    # a received payload may be a memoryview of the receive buffer; protobuf fields take bytes
+    served_payload, update_payload = bytes(served_payload), bytes(update_payload)
     return pb.Capture(
         format_version=FORMAT_VERSION,
         source=source,

@@ -1,8 +1,10 @@
 """Tensor codec and chunked streaming of payloads.
 
 A payload is a serialized ``TensorSet``. It travels as a header chunk, 1 MiB data chunks and a
-trailer carrying the sha256 of the concatenated data, so gRPC's 4 MiB message limit never decides
-whether a model can move.
+trailer carrying the BLAKE3 digest of the concatenated data, so gRPC's 4 MiB message limit never
+decides whether a model can move. BLAKE3 (a cryptographic hash, 256-bit) rather than sha256: the
+receiver hashes every byte it gets, and at ~1.1 GB/s sha256 costs as much CPU as the gRPC transfer
+itself; BLAKE3 runs at ~5 GB/s on one core here, with wheels for x86-64, aarch64 and armv7.
 
 Two ways to put a stream on the wire, byte for byte the same protobuf:
 
@@ -12,20 +14,24 @@ Two ways to put a stream on the wire, byte for byte the same protobuf:
   serializer; :func:`parse_chunk` is the matching deserializer, which turns a data chunk into a
   zero-copy ``memoryview`` of its bytes. :func:`assemble_chunks` accepts those views as data chunks.
 
-The receiver hashes each chunk as it arrives and writes it straight into the final ``bytes``
-object (see :class:`_PayloadBuffer`); :func:`decode_tensors` reads the canonical encoding in place
-(``copy=False``: read-only views, no copy at all). Each of protobuf message construction, a
-``bytes(memoryview)`` slice and ``bytearray`` growth plus a final ``bytes()`` would be a full copy
-of a 50 MB model; these paths make none beyond the one into the received payload.
+The receiver hashes each chunk as it arrives and copies it straight into the payload's buffer,
+allocated once at the size the header announced (see :class:`_PayloadBuffer`): the copy and the hash
+happen while gRPC receives the next chunk, and nothing is left to do after the trailer but compare
+digests. :func:`decode_tensors` reads the canonical encoding in place (``copy=False``: read-only
+views, no copy at all). Each of protobuf message construction, a ``bytes(memoryview)`` slice,
+``bytearray`` growth plus a final ``bytes()``, or a join of the chunks at the end would be a full
+copy of a 50 MB model on the critical path; these paths make none beyond the one into the buffer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 
+import blake3
 import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -36,7 +42,8 @@ CHUNK_SIZE = 1 << 20  # 1 MiB
 MAX_PAYLOAD_BYTES = 2 << 30  # refuse anything claiming more than 2 GiB
 _ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"}
 _DATA_TAG = 0x1A  # Chunk.data: field 3, wire type 2 (length-delimited)
-# chunk_frames hashes a payload at least this big in a helper thread while the frames go out.
+# A payload at least this big is hashed by a helper thread, while its frames go out (chunk_frames)
+# or come in (assemble_chunks).
 _THREADED_HASH_BYTES = 8 << 20
 
 
@@ -53,7 +60,7 @@ def tensor_to_pb(name: str, array: np.ndarray) -> pb.Tensor:
 
 
 def _array(name: str, shape_in: Iterable[int], dtype_name: str, data, offset: int, nbytes: int,
-           copy: bool) -> np.ndarray:
+           copy: bool, aligned: bool = True) -> np.ndarray:
     """The array of one tensor whose raw bytes are ``data[offset : offset + nbytes]``."""
     if dtype_name not in _ALLOWED_DTYPES:
         raise WireError(f"tensor {name!r}: unknown dtype {dtype_name!r}")
@@ -70,7 +77,7 @@ def _array(name: str, shape_in: Iterable[int], dtype_name: str, data, offset: in
     except ValueError:  # e.g. an empty tensor whose other dimensions exceed numpy's limits
         raise WireError(f"tensor {name!r}: shape {shape} is not representable") from None
     native = dtype.newbyteorder("=")
-    if copy or arr.dtype != native or not arr.flags.aligned:
+    if copy or arr.dtype != native or (aligned and not arr.flags.aligned):
         return arr.astype(native, copy=True)
     return arr
 
@@ -86,7 +93,8 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
     return ts.SerializeToString()
 
 
-def decode_tensors(payload: bytes, *, copy: bool = True) -> dict[str, np.ndarray]:
+def decode_tensors(payload: bytes | memoryview, *, copy: bool = True,
+                   aligned: bool = True) -> dict[str, np.ndarray]:
     """Inverse of :func:`encode_tensors`. Raises WireError on anything malformed.
 
     The canonical encoding (what :func:`encode_tensors` writes) is read in place: one copy of the
@@ -94,17 +102,19 @@ def decode_tensors(payload: bytes, *, copy: bool = True) -> dict[str, np.ndarray
     protobuf parser, so values and errors are the same either way.
 
     ``copy=False`` returns read-only views into ``payload`` instead of owned arrays, for a reader
-    that only reads; a tensor whose bytes are not aligned for its dtype (BLAS and fast numpy loops
-    need that) is still copied.
+    that only reads; a tensor whose bytes are not aligned for its dtype (BLAS wants that) is still
+    copied unless ``aligned=False``: numpy's element-wise loops and reductions handle unaligned
+    views correctly and, on x86-64 and aarch64, as fast (measured: sum and copy of 12.7 M float32
+    within 10 %), so a reader that only reduces and adds, like the cloud's aggregation, skips it.
     """
     spans = _scan_tensor_set(payload)
     if spans is None:
-        return _parse_tensors(payload, copy)
+        return _parse_tensors(payload if isinstance(payload, bytes) else bytes(payload), copy)
     out: dict[str, np.ndarray] = {}
     for name, shape, dtype_name, offset, nbytes in spans:
         if name in out:
             raise WireError(f"tensor {name!r} appears twice in the payload")
-        out[name] = _array(name, shape, dtype_name, payload, offset, nbytes, copy=copy)
+        out[name] = _array(name, shape, dtype_name, payload, offset, nbytes, copy=copy, aligned=aligned)
     return out
 
 
@@ -194,24 +204,30 @@ def _scan_tensor_set(payload: bytes | memoryview) -> list[tuple[str, list[int], 
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
+    """sha256 hex digest: the edge model's and the capture format's identity of a payload."""
     return hashlib.sha256(data).hexdigest()
 
 
-def iter_chunks(header: pb.Chunk, payload: bytes, chunk_size: int = CHUNK_SIZE,
-                sha256: str | None = None) -> Iterator[pb.Chunk]:
-    """Yield ``header``, the payload in ``chunk_size`` pieces, then a sha256 trailer.
+def payload_digest(data: bytes | memoryview) -> str:
+    """BLAKE3-256 hex digest: what a chunk stream's trailer carries for its payload."""
+    return blake3.blake3(data).hexdigest()
 
-    ``sha256`` is the payload's hex digest if the caller already knows it (e.g. a model served
-    repeatedly); otherwise it is computed while the chunks go out."""
+
+def iter_chunks(header: pb.Chunk, payload: bytes | memoryview, chunk_size: int = CHUNK_SIZE,
+                digest: str | None = None) -> Iterator[pb.Chunk]:
+    """Yield ``header``, the payload in ``chunk_size`` pieces, then the digest trailer.
+
+    ``digest`` is the payload's :func:`payload_digest` if the caller already knows it (e.g. a model
+    served repeatedly); otherwise it is computed while the chunks go out."""
     yield header
-    view = memoryview(payload)
-    digest = None if sha256 else hashlib.sha256()
+    view = memoryview(payload).cast("B")
+    running = None if digest else blake3.blake3()
     for start in range(0, len(view), chunk_size):
         piece = view[start : start + chunk_size]
-        if digest is not None:
-            digest.update(piece)
+        if running is not None:
+            running.update(piece)
         yield pb.Chunk(data=bytes(piece))
-    yield pb.Chunk(trailer=pb.Trailer(sha256=sha256 or digest.hexdigest()))  # type: ignore[union-attr]
+    yield pb.Chunk(trailer=pb.Trailer(blake3=digest or running.hexdigest()))  # type: ignore[union-attr]
 
 
 def _data_prefix(n: int) -> bytes:
@@ -228,45 +244,23 @@ def encode_data_chunk(piece: bytes | memoryview) -> bytes:
     return _data_prefix(len(piece)) + piece
 
 
-class PayloadDigest:
-    """sha256 of a whole buffer, computed by a helper thread (hashlib releases the GIL, so the
-    hash overlaps with whatever the caller does meanwhile, e.g. sending the buffer)."""
-
-    def __init__(self, data: bytes | memoryview) -> None:
-        self._data: bytes | memoryview = data
-        self._hex = ""
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        self._hex = hashlib.sha256(self._data).hexdigest()
-        self._data = b""
-
-    def hexdigest(self) -> str:
-        self._thread.join()
-        return self._hex
-
-
-def chunk_frames(header: pb.Chunk, payload: bytes, chunk_size: int = CHUNK_SIZE,
-                 sha256: str | PayloadDigest | None = None) -> Iterator[bytes]:
+def chunk_frames(header: pb.Chunk, payload: bytes | memoryview, chunk_size: int = CHUNK_SIZE,
+                 digest: str | None = None) -> Iterator[bytes]:
     """The serialized messages of :func:`iter_chunks` (same bytes), for a gRPC method whose
-    serializer passes bytes through. ``sha256``: the payload's digest if known (a hex string or a
-    :class:`PayloadDigest` under way); otherwise it is computed alongside the frames."""
+    serializer passes bytes through. ``digest``: the payload's digest if known; otherwise each
+    chunk is hashed just before it goes out (measured on a 51 MB upload between two processes:
+    +4 ms over a bare stream, against +10 ms for hashing the whole payload on a helper thread
+    meanwhile, which competes with gRPC's own threads for the cores)."""
     yield header.SerializeToString()
     view = memoryview(payload).cast("B")
-    digest: str | PayloadDigest
-    if sha256:
-        digest = sha256
-    elif len(view) >= _THREADED_HASH_BYTES:
-        digest = PayloadDigest(view)
-    else:
-        digest = sha256_hex(view)
+    running = None if digest else blake3.blake3()
     prefix = _data_prefix(chunk_size)
     for start in range(0, len(view), chunk_size):
         piece = view[start : start + chunk_size]
+        if running is not None:
+            running.update(piece)
         yield (prefix if len(piece) == chunk_size else _data_prefix(len(piece))) + piece
-    hex_ = digest if isinstance(digest, str) else digest.hexdigest()
-    yield pb.Chunk(trailer=pb.Trailer(sha256=hex_)).SerializeToString()
+    yield pb.Chunk(trailer=pb.Trailer(blake3=digest or running.hexdigest())).SerializeToString()  # type: ignore[union-attr]
 
 
 def parse_chunk(raw: bytes) -> pb.Chunk | memoryview:
@@ -288,32 +282,75 @@ def serialize_chunk(item: pb.Chunk | bytes) -> bytes:
 
 
 class _PayloadBuffer:
-    """Where a received payload is assembled: the chunks are kept (views, no copy) and joined once
-    at the end, so the payload is copied exactly once. Mutating a ``bytes`` object in place, or
-    allocating it uninitialised through ctypes, would save that copy at the price of relying on
-    CPython internals in the wire layer; we do not."""
+    """Where a received payload is assembled and hashed: one buffer of the announced size,
+    allocated up front, each chunk copied into place and hashed as it arrives.
+
+    For a payload of at least ``_THREADED_HASH_BYTES`` the copy and the hash run on a helper
+    thread (numpy's copy and BLAKE3 both release the GIL), so the receiving thread goes straight
+    back to gRPC for the next chunk; at most ``_BACKLOG`` chunks wait. A join of the chunks after
+    the trailer (the previous design) was a serial copy into freshly mapped memory, ~35 ms of a
+    ~45 ms bare 51 MB transfer. :meth:`close` must be called on every path (it stops the helper);
+    :meth:`finish` returns the digest and the payload as a read-only ``memoryview``."""
+
+    _BACKLOG = 8
 
     def __init__(self, total: int) -> None:
         self.total = total
-        self.size = 0
-        self._parts: list[bytes | memoryview] = []
+        self.size = 0  # bytes received (written, or queued to be written)
+        self._arr = np.empty(total, dtype=np.uint8)
+        self._hash = blake3.blake3()
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if total >= _THREADED_HASH_BYTES:
+            self._queue = queue.Queue(maxsize=self._BACKLOG)
+            self._thread = threading.Thread(target=self._drain, name="payload-sink", daemon=True)
+            self._thread.start()
+
+    def _store(self, offset: int, data: bytes | memoryview) -> None:
+        piece = self._arr[offset : offset + len(data)]
+        np.copyto(piece, np.frombuffer(data, dtype=np.uint8))
+        self._hash.update(piece)
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._store(*item)
+                except BaseException as exc:  # reported by finish()
+                    self._error = exc
 
     def write(self, data: bytes | memoryview) -> None:
-        self._parts.append(data)
-        self.size += len(data)
+        offset, self.size = self.size, self.size + len(data)
+        if self._queue is not None:
+            self._queue.put((offset, data))
+        else:
+            self._store(offset, data)
 
-    def getvalue(self) -> bytes:
+    def close(self) -> None:
+        """Stop the helper thread (idempotent); every path through a receive must call it."""
+        if self._thread is not None:
+            assert self._queue is not None
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def finish(self) -> tuple[str, memoryview]:
+        """(hex digest, payload) once every chunk is in."""
+        self.close()
+        if self._error is not None:
+            raise self._error
         assert self.size == self.total, "payload buffer read before it was complete"
-        out = b"".join(self._parts)
-        self._parts = []
-        return out
+        return self._hash.hexdigest(), memoryview(self._arr).cast("B").toreadonly()
 
 
-def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -> tuple[object, bytes]:
-    """Read a chunk stream back into (header, payload), checking order, size and sha256.
+def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -> tuple[object, memoryview]:
+    """Read a chunk stream back into (header, payload), checking order, size and the digest.
 
     ``header_field`` is ``"model_header"`` or ``"update_header"``. Data chunks may be ``pb.Chunk``
-    messages or the views :func:`parse_chunk` returns.
+    messages or the views :func:`parse_chunk` returns. The payload is a read-only ``memoryview``
+    (bytes-like: ``len``, slicing, hashing, ``decode_tensors`` and ``bytes(...)`` all work).
     """
     it = iter(chunks)
     try:
@@ -328,7 +365,18 @@ def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) 
     if total > MAX_PAYLOAD_BYTES:
         raise WireError(f"header announces {total} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit")
     buf = _PayloadBuffer(total)
-    digest = hashlib.sha256()
+    try:
+        trailer = _receive_into(buf, it, total)
+        computed, payload = buf.finish()
+    finally:
+        buf.close()
+    if computed != trailer.blake3:
+        raise ChecksumError(f"blake3 mismatch: computed {computed[:12]}…, trailer says {trailer.blake3[:12] or 'nothing'}…")
+    return header, payload
+
+
+def _receive_into(buf: _PayloadBuffer, it: Iterator[pb.Chunk | memoryview], total: int) -> pb.Trailer:
+    """Feed the data chunks of a stream into ``buf``; the trailer, once the stream has ended."""
     trailer = None
     for chunk in it:
         if isinstance(chunk, memoryview):
@@ -341,18 +389,13 @@ def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) 
         if kind == "data":
             if buf.size + len(data) > total:
                 raise WireError(f"stream carries more than the {total} bytes its header announced")
-            # Both release the GIL on a 1 MiB chunk: gRPC's threads keep receiving meanwhile.
-            digest.update(data)
             buf.write(data)
         elif kind == "trailer":
             trailer = chunk.trailer  # type: ignore[union-attr]
         else:
             raise WireError(f"unexpected {kind} chunk inside a stream")
     if trailer is None:
-        raise WireError("stream ended without a sha256 trailer (truncated)")
+        raise WireError("stream ended without a digest trailer (truncated)")
     if buf.size != total:
         raise WireError(f"stream carried {buf.size} bytes, header announced {total}")
-    computed = digest.hexdigest()
-    if computed != trailer.sha256:
-        raise ChecksumError(f"sha256 mismatch: computed {computed[:12]}…, trailer says {trailer.sha256[:12]}…")
-    return header, buf.getvalue()
+    return trailer

@@ -17,7 +17,7 @@ from protos.codec import (
     decode_tensors,
     encode_tensors,
     iter_chunks,
-    sha256_hex,
+    payload_digest,
     tensor_from_pb,
     tensor_to_pb,
 )
@@ -154,7 +154,7 @@ def test_chunk_assemble_roundtrip_of_a_model_over_4mib():
     assert 0 < len(data[-1].data) <= CHUNK_SIZE
     # every message on the wire stays far below gRPC's default limit
     assert max(c.ByteSize() for c in chunks) < CHUNK_SIZE + 64 < GRPC_DEFAULT_LIMIT
-    assert chunks[-1].trailer.sha256 == sha256_hex(payload)
+    assert chunks[-1].trailer.blake3 == payload_digest(payload)
 
     header, got = assemble_chunks(chunks, "model_header")
     assert header.version == 3 and header.round == 2 and header.total_bytes == len(payload)
@@ -186,15 +186,15 @@ def _stream(payload: bytes = b"abcdefgh" * 1000) -> list[pb.Chunk]:
     return list(iter_chunks(_header(len(payload)), payload, chunk_size=1024))
 
 
-def test_sha256_mismatch_raises_checksum_error():
+def test_digest_mismatch_raises_checksum_error():
     chunks = _stream()
     chunks[3] = pb.Chunk(data=b"X" + chunks[3].data[1:])  # same size, one byte changed
     with pytest.raises(ChecksumError) as e:
         assemble_chunks(chunks, "model_header")
-    assert "sha256" in _one_line(e)
+    assert "blake3" in _one_line(e)
 
     chunks = _stream()
-    chunks[-1] = pb.Chunk(trailer=pb.Trailer(sha256="0" * 64))
+    chunks[-1] = pb.Chunk(trailer=pb.Trailer(blake3="0" * 64))
     with pytest.raises(ChecksumError):
         assemble_chunks(chunks, "model_header")
 
@@ -244,7 +244,7 @@ class _Aggregator(pb_grpc.AggregatorServicer):
         if request.fog_id == "unchunked":
             yield header
             yield pb.Chunk(data=self.payload)
-            yield pb.Chunk(trailer=pb.Trailer(sha256=sha256_hex(self.payload)))
+            yield pb.Chunk(trailer=pb.Trailer(blake3=payload_digest(self.payload)))
             return
         yield from iter_chunks(header, self.payload)
 
@@ -302,7 +302,7 @@ def test_grpc_unchunked_payload_hits_the_default_limit(grpc_model):
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     up = pb.Chunk(update_header=pb.UpdateHeader(fog_id="fog-0", round=1, total_bytes=len(payload)))
-    one_piece = [up, pb.Chunk(data=payload), pb.Chunk(trailer=pb.Trailer(sha256=sha256_hex(payload)))]
+    one_piece = [up, pb.Chunk(data=payload), pb.Chunk(trailer=pb.Trailer(blake3=payload_digest(payload)))]
     with pytest.raises(grpc.RpcError) as e:
         stub.UploadUpdate(iter(one_piece), timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -118,3 +118,97 @@ def test_fog_ignores_bad_and_foreign_announcements(cfg):
     mine = Announcement(run_id=cfg.run_id, round=1, model_version=0, selected=["fog-0"])
     assert fog.on_announcement(mine.to_json()) is not None
     assert fog.on_announcement(mine.to_json()) is None  # retained re-delivery: once
+
+
+def test_strategy_refusals_are_rejections_not_errors(cfg):
+    """What the aggregation strategy refuses (here: a masked update in a round of unmasked ones)
+    comes back as a rejected upload with the strategy's reason, and the round goes on."""
+    node = CloudNode(cfg)
+    node.start_round()
+    h0, b0, _ = _update(node, "fog-0")
+    assert node.receive_update(h0, b0).accepted
+    h1, b1, _ = _update(node, "fog-1", defense='{"masking": true}')
+    ack = node.receive_update(h1, b1)
+    assert not ack.accepted and "masked" in ack.reason
+    assert node.rejected_total == 1
+    h1, b1, _ = _update(node, "fog-1")
+    assert node.receive_update(h1, b1).accepted
+    assert node.finish_round().updates == 2 and node.version == 1
+
+
+def test_finiteness_check_accepts_huge_finite_values_and_refuses_inf(cfg):
+    """The fast check sums in float32: a sum that overflows is settled in float64, so finite
+    values are never refused for being large."""
+    node = CloudNode(cfg)
+    node.start_round()
+    h, body, upd = _update(node, "fog-0")
+    huge = {k: v.copy() for k, v in upd.items()}
+    first = next(iter(huge))
+    huge[first].reshape(-1)[:4] = np.float32(3e38)  # float32 sum of these: inf
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(huge[first].sum())
+    ack = node.receive_update(h, encode_tensors(huge))
+    assert ack.accepted, ack.reason
+    inf = {k: v.copy() for k, v in upd.items()}
+    inf[first].reshape(-1)[1] = np.inf
+    ack = node.receive_update(_update(node, "fog-1")[0], encode_tensors(inf))
+    assert not ack.accepted and "NaN or infinity" in ack.reason
+
+
+def test_updates_acknowledged_before_their_fold_all_reach_the_aggregate(cfg):
+    """Uploads from several threads at once: every acknowledged update is folded in (in
+    acceptance order, on the fold worker) before finish_round aggregates: the new model is the
+    sample-weighted mean of the accepted deltas."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = build_config([], [("topology.fogs", 8), ("topology.edges_per_fog", 1), ("rounds", 2),
+                            ("cloud.warm_start.per_class", 2)], use_env=False)
+    node = CloudNode(big)
+    node.start_round()
+    before = {k: v.copy() for k, v in node.params.items()}
+    rng = np.random.default_rng(1)
+    sent = {}
+    for i in range(8):
+        fog = f"fog-{i}"
+        delta = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in before.items()}
+        body = encode_tensors(delta)
+        h = pb.UpdateHeader(fog_id=fog, round=node.round_no, base_version=node.version, num_samples=i + 1,
+                            update_kind="delta", total_bytes=len(body), labels_total=i + 1)
+        sent[fog] = (h, body, delta)
+    with ThreadPoolExecutor(4) as pool:
+        acks = list(pool.map(lambda hb: node.receive_update(hb[0], hb[1]), sent.values()))
+    assert all(a.accepted for a in acks)
+    node.finish_round()
+    total = sum(h.num_samples for h, _, _ in sent.values())
+    for k in before:
+        mean = sum(d[k].astype(np.float64) * h.num_samples for h, _, d in sent.values()) / total
+        np.testing.assert_allclose(node.params[k], before[k] + mean, rtol=0, atol=2e-5)
+    assert node.metrics_document()["fold_errors"] == 0
+
+
+def test_a_failed_fold_is_counted_and_logged_and_the_node_goes_on(cfg, caplog):
+    node = CloudNode(cfg)
+    node.start_round()
+    real_fold = node.strategy.fold
+    calls = []
+
+    def failing_once(admitted):
+        calls.append(admitted.fog_id)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        real_fold(admitted)
+
+    node.strategy.fold = failing_once
+    for fog in ("fog-0", "fog-1"):
+        h, b, _ = _update(node, fog)
+        assert node.receive_update(h, b).accepted
+    node.finish_round()
+    assert calls == ["fog-0", "fog-1"]
+    assert node.metrics_document()["fold_errors"] == 1
+    assert any("folding an accepted update failed" in r.getMessage() for r in caplog.records)
+    node.strategy.fold = real_fold
+    node.start_round()
+    for fog in ("fog-0", "fog-1"):
+        h, b, _ = _update(node, fog)
+        assert node.receive_update(h, b).accepted
+    assert node.finish_round().updates == 2 and node.version == 2

@@ -1,7 +1,7 @@
 """Model download / update upload over the real gRPC service with the pass-through (de)serializers
 (protos.codec chunk_frames / parse_chunk, cloud.service, fog.service.CloudClient): the bytes on the
 wire are the generated stubs' ``Chunk`` messages, so either side may be the generated one; the
-receiver still checks size and sha256; the zero-copy decode gives the same tensors as the copying
+receiver still checks size and the BLAKE3 digest; the zero-copy decode gives the same tensors as the copying
 one."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from protos.codec import (
     encode_tensors,
     iter_chunks,
     parse_chunk,
-    sha256_hex,
+    payload_digest,
 )
 from protos.errors import ChecksumError, WireError
 
@@ -74,7 +74,7 @@ def _round_trip(node: CloudNode, download, upload) -> None:
     node.start_round()
     header, payload = download()
     served = node.serve_model("fog-0")[1]
-    assert type(payload) is bytes and payload == served
+    assert isinstance(payload, memoryview) and payload.readonly and payload == served
     assert header.version == node.version and header.total_bytes == len(payload)
     before = decode_tensors(payload)
     delta = {k: np.full_like(v, 0.25) for k, v in before.items()}
@@ -136,7 +136,7 @@ def test_corrupted_upload_is_rejected_and_not_aggregated(node, fast_server):
         ack = raw_upload(iter(frames), timeout=30)
     finally:
         channel.close()
-    assert not ack.accepted and "sha256" in ack.reason
+    assert not ack.accepted and "blake3" in ack.reason
     assert node.current is not None and not node.current.received  # nothing reached the node
     node.finish_round()
 
@@ -151,7 +151,7 @@ def test_corrupted_download_raises_checksum_error(node):
     server, port, _ = start_grpc_server(_CorruptingServicer(node), "127.0.0.1", 0)
     client = CloudClient(f"127.0.0.1:{port}")
     try:
-        with pytest.raises(ChecksumError, match="sha256"):
+        with pytest.raises(ChecksumError, match="blake3"):
             client.download("fog-0", node.round_no)
     finally:
         client.close()
@@ -180,19 +180,19 @@ def test_frames_are_the_serialized_messages_of_iter_chunks():
     assert frames == [m.SerializeToString() for m in messages]
     assert [pb.Chunk.FromString(f) for f in frames] == messages
     # with a known digest the frames are the same
-    assert list(chunk_frames(header, payload, sha256=sha256_hex(payload))) == frames
+    assert list(chunk_frames(header, payload, digest=payload_digest(payload))) == frames
     # the fast deserializer gives data as views, everything else as messages; the stream assembles
     items = [parse_chunk(f) for f in frames]
     assert [type(i) for i in items] == [pb.Chunk, memoryview, memoryview, memoryview, pb.Chunk]
     got_header, got = assemble_chunks(items, "update_header")
-    assert got == payload and type(got) is bytes and got_header.fog_id == "fog-9"
+    assert got == payload and isinstance(got, memoryview) and got.readonly and got_header.fog_id == "fog-9"
 
 
 @pytest.mark.parametrize("raw", [
-    encode_data_chunk(b"abc") + pb.Chunk(trailer=pb.Trailer(sha256="x")).SerializeToString(),  # oneof: last wins
+    encode_data_chunk(b"abc") + pb.Chunk(trailer=pb.Trailer(blake3="x")).SerializeToString(),  # oneof: last wins
     encode_data_chunk(b"abc") + encode_data_chunk(b"de"),  # repeated field: last wins
     b"\x1a\x85\x00abcde",  # over-long varint for the length (still valid protobuf)
-    pb.Chunk(trailer=pb.Trailer(sha256="f" * 64)).SerializeToString(),
+    pb.Chunk(trailer=pb.Trailer(blake3="f" * 64)).SerializeToString(),
 ])
 def test_parse_chunk_agrees_with_the_generated_parser(raw):
     expected = pb.Chunk.FromString(raw)
@@ -224,7 +224,7 @@ def test_corrupted_view_chunk_raises_checksum_error(size):
     flipped = bytearray(items[2])
     flipped[0] ^= 0x40
     items[2] = memoryview(bytes(flipped))
-    with pytest.raises(ChecksumError, match="sha256"):
+    with pytest.raises(ChecksumError, match="blake3"):
         assemble_chunks(items, "model_header")
 
 
@@ -322,3 +322,57 @@ def test_zero_copy_decode_raises_the_same_errors(payload, needle):
     for copy in (True, False):
         with pytest.raises(WireError, match=needle):
             decode_tensors(payload, copy=copy)
+
+
+# --------------------------------------------------------------------------- the receive buffer
+
+
+def _sink_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "payload-sink"]
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda c: c[:-1], WireError),  # truncated: no trailer
+    (lambda c: c[:5] + [memoryview(b"\x00" * CHUNK_SIZE)] + c[6:], ChecksumError),  # same size, bad bytes
+    (lambda c: c[:-1] + [memoryview(b"more")] + c[-1:], WireError),  # longer than announced
+    (lambda c: c[:4] + [pb.Chunk(model_header=pb.ModelHeader())] + c[4:], WireError),  # a second header
+])
+def test_big_receive_stops_its_helper_thread_on_every_path(mutate, error):
+    """Payloads of 8 MiB and more are copied and hashed on a helper thread: it must end whether
+    the stream completes or fails, and a failure must still be the stream's error."""
+    payload = np.random.default_rng(5).integers(0, 256, size=9 * CHUNK_SIZE + 77, dtype=np.uint8).tobytes()
+    before = len(_sink_threads())
+    header, got = assemble_chunks(_fast_stream(payload, chunk_size=CHUNK_SIZE), "model_header")
+    assert got == payload and len(_sink_threads()) == before
+    with pytest.raises(error):
+        assemble_chunks(mutate(_fast_stream(payload, chunk_size=CHUNK_SIZE)), "model_header")
+    assert len(_sink_threads()) == before
+
+    def exploding():
+        items = _fast_stream(payload, chunk_size=CHUNK_SIZE)
+        yield from items[:6]
+        raise RuntimeError("connection reset")
+
+    with pytest.raises(RuntimeError, match="reset"):
+        assemble_chunks(exploding(), "model_header")
+    assert len(_sink_threads()) == before
+
+
+def test_unaligned_views_are_not_copied_when_the_reader_allows_it():
+    tensors = {"a": np.arange(3, dtype=np.float32), "w": np.arange(1000, dtype=np.float32).reshape(10, 100)}
+    payload = encode_tensors(tensors)
+    # the payload inside a bigger buffer at an odd offset: every float32 view is unaligned
+    holder = np.zeros(len(payload) + 1, dtype=np.uint8)
+    holder[1:] = np.frombuffer(payload, dtype=np.uint8)
+    view = memoryview(holder)[1:].toreadonly()
+    copied = decode_tensors(view, copy=False)
+    assert all(v.flags.aligned for v in copied.values())
+    assert not all(np.shares_memory(v, holder) for v in copied.values())  # the unaligned ones were copied
+    views = decode_tensors(view, copy=False, aligned=False)
+    assert any(not v.flags.aligned for v in views.values())
+    assert all(np.shares_memory(v, holder) and not v.flags.writeable for v in views.values())
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(views[k], v)
+        assert float(views[k].sum()) == float(v.sum())

@@ -1,31 +1,35 @@
 """Model download and update upload over the project's gRPC service (CloudNode + Aggregator
-servicer + the fog's CloudClient: chunking, sha256, decoding, checks, aggregation fold-in) vs a
-bare gRPC stream of 1 MiB byte chunks on loopback. Target: >= 80 % of the bare throughput for a
-50 MB model.
+servicer + the fog's CloudClient: chunking, BLAKE3 digests, assembly, decoding, checks, admission
+into the aggregation) vs a bare gRPC stream of 1 MiB byte chunks on loopback. Target: >= 80 % of
+the bare throughput for a 50 MB model, both directions.
 
-Everything runs in this one process (client, servers), so ``time.process_time`` around an operation
-is the CPU it cost all threads together; it is saved next to the wall-clock times because on a
-shared, saturated machine the wall-clock ratio follows the CPU ratio. The four operations are
+The two ends run in two processes, as a fog and the cloud do: this process holds the servers
+(the cloud node with its service, and a bare bytes-in/bytes-out service), a child process the
+clients (the fog's ``CloudClient`` and a bare client that only counts what it receives). In one
+process both ends would share one interpreter lock, a handicap no deployment has. The child times
+each operation (wall clock, and its own CPU); the server's CPU is this process's. Operations are
 interleaved within each repetition (the order alternates), so load changes hit both sides alike.
-The upload's time runs until the ack, i.e. includes ``CloudNode.receive_update`` (decode, checks,
-fold-in of the update by the aggregation strategy)."""
+The upload is timed until the ack, i.e. it includes the cloud's checks and admission of the update
+(the fold-in runs after the ack on the cloud's fold worker, and ``finish_round`` waits for it)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from concurrent import futures
 
 import grpc
 
-from cloud.node import CloudNode
-from cloud.service import AggregatorServicer, start_grpc_server
-from fog.service import CloudClient
-from kernel.config import build_config
-from protos import fogfl_pb2 as pb
-
 _CHUNK = 1 << 20
+
+
+def _ident(b: bytes) -> bytes:
+    return b
 
 
 def _bare_server(payload: bytes):
@@ -41,10 +45,11 @@ def _bare_server(payload: bytes):
             n += len(chunk)
         return n.to_bytes(8, "little")
 
-    ident = lambda b: b  # noqa: E731
     handler = grpc.method_handlers_generic_handler("bare.Bytes", {
-        "Download": grpc.unary_stream_rpc_method_handler(download, request_deserializer=ident, response_serializer=ident),
-        "Upload": grpc.stream_unary_rpc_method_handler(upload, request_deserializer=ident, response_serializer=ident),
+        "Download": grpc.unary_stream_rpc_method_handler(download, request_deserializer=_ident,
+                                                         response_serializer=_ident),
+        "Upload": grpc.stream_unary_rpc_method_handler(upload, request_deserializer=_ident,
+                                                       response_serializer=_ident),
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
@@ -53,77 +58,129 @@ def _bare_server(payload: bytes):
     return server, port
 
 
+# ------------------------------------------------------------------------------------ client side
+
+
+def _client_main(cloud_port: int, bare_port: int) -> int:
+    """The child: reads one command per line on stdin, answers one JSON line on stdout."""
+    from fog.service import CloudClient
+    from protos import fogfl_pb2 as pb
+
+    client = CloudClient(f"127.0.0.1:{cloud_port}")
+    client.wait_ready(30)
+    ch = grpc.insecure_channel(f"127.0.0.1:{bare_port}")
+    bare_dl = ch.unary_stream("/bare.Bytes/Download", request_serializer=_ident, response_deserializer=_ident)
+    bare_ul = ch.stream_unary("/bare.Bytes/Upload", request_serializer=_ident, response_deserializer=_ident)
+    _, model = client.download("fog-0", 0)
+    payload = bytes(model)  # the update the fog uploads: a payload of the model's size and layout
+    size = len(payload)
+
+    def bare_down(_args):
+        return sum(len(c) for c in bare_dl(b""))
+
+    def bare_up(_args):
+        view = memoryview(payload)
+        ack = bare_ul(bytes(view[s : s + _CHUNK]) for s in range(0, size, _CHUNK))
+        return int.from_bytes(ack, "little")
+
+    def down(args):
+        _, p = client.download("fog-0", int(args[0]))
+        return len(p)
+
+    def up(args):
+        rnd, version = int(args[0]), int(args[1])
+        h = pb.UpdateHeader(fog_id="fog-0", round=rnd, base_version=version, num_samples=10,
+                            update_kind="delta", total_bytes=size, labels_total=10)
+        ack = client.upload(h, payload)
+        if not ack.accepted:
+            raise RuntimeError(f"update rejected: {ack.reason}")
+        return size
+
+    ops = {"bare_down": bare_down, "bare_up": bare_up, "down": down, "up": up}
+    print(json.dumps({"ready": size}), flush=True)
+    for line in sys.stdin:
+        name, *args = line.split()
+        if name == "quit":
+            break
+        w0, c0 = time.perf_counter(), time.process_time()
+        n = ops[name](args)
+        print(json.dumps({"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0, "bytes": n}),
+              flush=True)
+    client.close()
+    ch.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ server side
+
+
 def run(quick: bool = False) -> dict:
+    from cloud.node import CloudNode
+    from cloud.service import AggregatorServicer, start_grpc_server
+    from kernel.config import build_config
+
     hidden = 1600 if quick else 16000  # mnist 784 -> hidden -> 10: 12.7 M params = 50.9 MB at 16 000
     cfg = build_config([], [("data.dataset", "mnist5k"), ("model.hidden", hidden), ("cloud.warm_start.per_class", 0),
                             ("topology.fogs", 1), ("rounds", 1000)], use_env=False)
     node = CloudNode(cfg)
     server, port, _ = start_grpc_server(AggregatorServicer(node), "127.0.0.1", 0)
-    client = CloudClient(f"127.0.0.1:{port}")
-    client.wait_ready(10)
-    header0, payload = node.serve_model("fog-0")
+    _, payload = node.serve_model("fog-0")
     size = len(payload)
     bare, bare_port = _bare_server(payload)
-    ch = grpc.insecure_channel(f"127.0.0.1:{bare_port}")
-    ident = lambda b: b  # noqa: E731
-    bare_dl = ch.unary_stream("/bare.Bytes/Download", request_serializer=ident, response_deserializer=ident)
-    bare_ul = ch.stream_unary("/bare.Bytes/Upload", request_serializer=ident, response_deserializer=ident)
+    child = subprocess.Popen([sys.executable, "-m", "deploy.bench.bench_grpc", "--client", str(port), str(bare_port)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert child.stdin is not None and child.stdout is not None
 
-    def clock() -> tuple[float, float]:
-        return time.perf_counter(), time.process_time()
+    def ask(line: str) -> dict:
+        child.stdin.write(line + "\n")  # type: ignore[union-attr]
+        reply = child.stdout.readline()  # type: ignore[union-attr]
+        if not reply:
+            raise RuntimeError(f"the client process died (exit {child.wait(5)})")
+        return json.loads(reply)
 
-    def since(t0: tuple[float, float]) -> tuple[float, float]:
-        return time.perf_counter() - t0[0], time.process_time() - t0[1]
+    def op(name: str) -> tuple[float, float, float]:
+        """(wall, client CPU, server CPU) of one operation."""
+        if name == "up":
+            node.start_round()
+            line = f"up {node.round_no} {node.version}"
+        elif name == "down":
+            line = f"down {node.round_no}"
+        else:
+            line = name
+        c0 = time.process_time()
+        r = ask(line)
+        server_cpu = time.process_time() - c0
+        if name == "up":
+            node.finish_round()  # waits for the fold-in; not timed
+        assert r["bytes"] == size, (name, r)
+        return r["wall"], r["cpu"], server_cpu
 
-    def t_bare_down():
-        t = clock()
-        n = sum(len(c) for c in bare_dl(b""))
-        dt = since(t)
-        assert n == size
-        return dt
-
-    def t_bare_up():
-        view = memoryview(payload)
-        t = clock()
-        bare_ul(bytes(view[s : s + _CHUNK]) for s in range(0, size, _CHUNK))
-        return since(t)
-
-    def t_down():
-        t = clock()
-        _, p = client.download("fog-0", node.round_no)
-        dt = since(t)
-        assert len(p) == size
-        return dt
-
-    def t_up():
-        node.start_round()
-        h = pb.UpdateHeader(fog_id="fog-0", round=node.round_no, base_version=node.version, num_samples=10,
-                            update_kind="delta", total_bytes=size, labels_total=10)
-        t = clock()
-        ack = client.upload(h, payload)
-        dt = since(t)
-        assert ack.accepted, ack.reason
-        node.finish_round()
-        return dt
-
-    reps = 3 if quick else 11
-    ops = {"bare_down": t_bare_down, "down": t_down, "bare_up": t_bare_up, "up": t_up}
-    for fn in ops.values():
-        fn()  # warm-up
-    wall: dict[str, list[float]] = {k: [] for k in ops}
-    cpu: dict[str, list[float]] = {k: [] for k in ops}
-    load_before = os.getloadavg()[0]
-    for rep in range(reps):
-        order = list(ops) if rep % 2 == 0 else ["down", "bare_down", "up", "bare_up"]
-        for name in order:
-            w, c = ops[name]()
-            wall[name].append(w)
-            cpu[name].append(c)
-    load_after = os.getloadavg()[0]
-    client.close()
-    ch.close()
-    server.stop(0).wait(5)
-    bare.stop(0).wait(5)
+    try:
+        ready = json.loads(child.stdout.readline() or "{}")
+        if ready.get("ready") != size:
+            raise RuntimeError(f"the client process did not start ({ready})")
+        reps = 3 if quick else 11
+        names = ["bare_down", "down", "bare_up", "up"]
+        for name in names:
+            op(name)  # warm-up
+        wall: dict[str, list[float]] = {k: [] for k in names}
+        cpu: dict[str, list[float]] = {k: [] for k in names}
+        load_before = os.getloadavg()[0]
+        for rep in range(reps):
+            order = names if rep % 2 == 0 else ["down", "bare_down", "up", "bare_up"]
+            for name in order:
+                w, cc, sc = op(name)
+                wall[name].append(w)
+                cpu[name].append(cc + sc)
+        load_after = os.getloadavg()[0]
+        child.stdin.write("quit\n")
+        child.stdin.flush()
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        server.stop(0).wait(5)
+        bare.stop(0).wait(5)
     res = {k: statistics.median(v) for k, v in wall.items()}
     cpu_ms = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
     mb = size / 1e6
@@ -133,9 +190,10 @@ def run(quick: bool = False) -> dict:
     return {
         "model_mb": round(mb, 1),
         "reps": reps,
+        "processes": "servers in the bench process, clients in a child process",
         "throughput_mb_s": {k: round(mb / v, 1) for k, v in res.items()},
         "wall_ms": {k: [round(x * 1e3, 1) for x in v] for k, v in wall.items()},
-        "cpu_ms_median": {k: round(v, 1) for k, v in cpu_ms.items()},
+        "cpu_ms_median_both_ends": {k: round(v, 1) for k, v in cpu_ms.items()},
         "ratios": {"download_vs_bare": round(ratio_down, 3), "upload_vs_bare": round(ratio_up, 3)},
         "cpu_ratios": {"download_vs_bare": round(cpu_ms["bare_down"] / cpu_ms["down"], 3),
                        "upload_vs_bare": round(cpu_ms["bare_up"] / cpu_ms["up"], 3)},
@@ -145,8 +203,15 @@ def run(quick: bool = False) -> dict:
         "pass": ok,
         "summary": f"{mb:.0f} MB model: download {ratio_down:.2f}x, upload {ratio_up:.2f}x of bare gRPC "
                    f"({mb / res['down']:.0f} vs {mb / res['bare_down']:.0f} MB/s down, "
-                   f"{mb / res['up']:.0f} vs {mb / res['bare_up']:.0f} MB/s up; CPU "
+                   f"{mb / res['up']:.0f} vs {mb / res['bare_up']:.0f} MB/s up; CPU of both ends "
                    f"{cpu_ms['down']:.0f} vs {cpu_ms['bare_down']:.0f} ms down, "
                    f"{cpu_ms['up']:.0f} vs {cpu_ms['bare_up']:.0f} ms up; load {load_before:.1f} on "
                    f"{os.cpu_count()} CPUs)",
     }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="client half of the gRPC transfer benchmark (internal)")
+    ap.add_argument("--client", nargs=2, type=int, metavar=("CLOUD_PORT", "BARE_PORT"), required=True)
+    a = ap.parse_args()
+    sys.exit(_client_main(*a.client))
