@@ -34,7 +34,7 @@ from kernel.config import RunConfig
 from kernel.data import Dataset, Splits, load_dataset, make_splits
 from kernel.models import arch_spec, build_model, export_onnx, get_params, set_params
 from protos import fogfl_pb2 as pb
-from protos.codec import decode_tensors, encode_tensors, payload_digest
+from protos.codec import all_finite, decode_tensors, encode_tensors, payload_digest
 from protos.control import Announcement, RoundMetrics, TrainConfig
 from protos.errors import WireError
 
@@ -211,7 +211,8 @@ class CloudNode:
         with self._lock:
             return self._payload_digest if payload is self._payload else None
 
-    def receive_update(self, header: pb.UpdateHeader, payload: bytes | memoryview) -> pb.UploadAck:
+    def receive_update(self, header: pb.UpdateHeader, payload: bytes | memoryview,
+                       nonfinite: frozenset[str] | None = None) -> pb.UploadAck:
         """Check an uploaded update and accept or reject it.
 
         Accepted means: the header fits the open round, the tensors have the model's names, shapes
@@ -221,6 +222,8 @@ class CloudNode:
         for it. At most :attr:`FOLD_BACKLOG` accepted updates wait for their fold; a receiver
         beyond that blocks before acknowledging, so memory stays bounded whatever the fan-in.
         ``payload`` is only read (any bytes-like object; the update's arrays are views into it).
+        ``nonfinite``: the float tensors a receiver already found holding NaN or infinity while the
+        bytes arrived (:func:`protos.codec.receive_stream`); None and the node checks itself.
         """
         with self._lock:
             rnd = self.current
@@ -230,7 +233,7 @@ class CloudNode:
                 try:
                     # read-only views, unaligned allowed: only checked and folded, never copied
                     update = decode_tensors(payload, copy=False, aligned=False)
-                    self._check_shapes(update)
+                    self._check_shapes(update, nonfinite)
                     if header.fog_id not in rnd.transformed:  # type: ignore[union-attr]
                         meta = {"masked": _masked(header), "label_counts": dict(header.label_counts)}
                         admitted = self.strategy.admit(header.fog_id, update, int(header.num_samples),
@@ -308,7 +311,7 @@ class CloudNode:
             return "update computed on 0 samples"
         return None
 
-    def _check_shapes(self, update: dict[str, np.ndarray]) -> None:
+    def _check_shapes(self, update: dict[str, np.ndarray], nonfinite: frozenset[str] | None = None) -> None:
         if list(update) != list(self.params):
             raise WireError("update tensor names differ from the model's")
         for k, v in update.items():
@@ -316,13 +319,8 @@ class CloudNode:
                 raise WireError(f"update tensor {k}: shape {v.shape} != model's {self.params[k].shape}")
             if v.dtype != np.float32:
                 raise WireError(f"update tensor {k}: dtype {v.dtype}, expected float32")
-            # NaN and infinity propagate through a sum, so a finite float32 sum proves every value
-            # finite, without a temporary the size of the tensor and at memory speed. A sum that
-            # overflowed float32 may still come from finite values: the float64 sum (which cannot
-            # overflow) decides then.
-            with np.errstate(over="ignore", invalid="ignore"):
-                finite = np.isfinite(v.sum()) or np.isfinite(v.sum(dtype=np.float64))
-            if not finite:
+            bad = (k in nonfinite) if nonfinite is not None else not all_finite(v)
+            if bad:
                 raise WireError(f"update tensor {k} holds NaN or infinity")
 
     def round_complete(self) -> bool:

@@ -19,10 +19,10 @@ from kernel.rpc import start_server
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import (
-    assemble_chunks,
     chunk_frames,
     iter_chunks,
     parse_chunk,
+    receive_stream,
     serialize_chunk,
 )
 from protos.envelope import Publish
@@ -64,12 +64,13 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
         try:
-            header, payload = assemble_chunks(request_iterator, "update_header")
+            got = receive_stream(request_iterator, "update_header")
         except WireError as exc:
             self.rejected += 1
             log.warning("rejected a malformed upload from %s: %s", context.peer(), exc)
             return pb.UploadAck(accepted=False, reason=str(exc))
-        return self.node.receive_update(header, payload)
+        # the stream already checked the values for NaN/inf as they arrived
+        return self.node.receive_update(got.header, got.payload, nonfinite=got.nonfinite)
 
 
 def _aggregator_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:

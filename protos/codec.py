@@ -30,6 +30,8 @@ import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import blake3
 import numpy as np
@@ -136,13 +138,21 @@ def _parse_tensors(payload: bytes, copy: bool) -> dict[str, np.ndarray]:
     return out
 
 
-def _varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+class _Short(ValueError):
+    """The bytes at hand end before the structure being read does (more may still arrive)."""
+
+
+def _varint(buf: bytes | memoryview, pos: int, end: int, avail: int | None = None) -> tuple[int, int]:
     """(value, next position) of the base-128 varint at ``pos``; ValueError if it runs past ``end``
-    or is longer than 10 bytes."""
+    or is longer than 10 bytes, :class:`_Short` if it runs past ``avail`` (the bytes received so
+    far, when fewer than ``end``) first."""
+    avail = end if avail is None else min(avail, end)
     value = shift = 0
     while True:
         if pos >= end or shift > 63:
             raise ValueError("bad varint")
+        if pos >= avail:
+            raise _Short
         b = buf[pos]
         pos += 1
         value |= (b & 0x7F) << shift
@@ -151,53 +161,137 @@ def _varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
+def _tensor_header(buf: bytes | memoryview, pos: int, end: int,
+                   avail: int) -> tuple[str, list[int], str, int, int, int] | None:
+    """The ``Tensor`` message at ``pos`` of a TensorSet of ``end`` bytes, ``avail`` of them at hand,
+    in the canonical encoding (what protobuf serializes: fields in number order, each at most once,
+    shape packed; ``data`` is the last field): (name, shape, dtype, data offset, data length, end of
+    the message). None if the encoding is not the canonical one; :class:`_Short` if the header
+    (everything before the data) is not all at hand yet. ValueError / UnicodeDecodeError on garbage."""
+    if pos >= avail:
+        raise _Short
+    if buf[pos] != 0x0A:  # TensorSet.tensors, length-delimited
+        return None
+    length, pos = _varint(buf, pos + 1, end, avail)
+    stop = pos + length
+    if stop > end:
+        return None
+    name, dtype_name, shape = "", "", []
+    data_at = data_len = 0
+    last_field = 0
+    while pos < stop:
+        if pos >= avail:
+            raise _Short
+        tag = buf[pos]
+        field, wire = tag >> 3, tag & 7
+        if wire != 2 or not 1 <= field <= 4 or field <= last_field:
+            return None
+        last_field = field
+        length, pos = _varint(buf, pos + 1, stop, avail)
+        nxt = pos + length
+        if nxt > stop:
+            return None
+        if field == 4:
+            data_at, data_len = pos, length  # the data need not be at hand
+        elif nxt > avail:
+            raise _Short
+        elif field == 1:
+            name = bytes(buf[pos:nxt]).decode("utf-8")
+        elif field == 2:
+            p = pos
+            while p < nxt:
+                dim, p = _varint(buf, p, nxt)
+                if dim >= 1 << 63:  # a negative int64: the full parser reports it
+                    return None
+                shape.append(dim)
+        else:
+            dtype_name = bytes(buf[pos:nxt]).decode("utf-8")
+        pos = nxt
+    return name, shape, dtype_name, data_at, data_len, stop
+
+
 def _scan_tensor_set(payload: bytes | memoryview) -> list[tuple[str, list[int], str, int, int]] | None:
-    """Locate each tensor of a TensorSet in its canonical encoding (what protobuf serializes:
-    fields in number order, each at most once, shape packed): (name, shape, dtype, data offset,
-    data length). None for anything else, which the caller hands to the protobuf parser."""
+    """Locate each tensor of a TensorSet in its canonical encoding: (name, shape, dtype, data
+    offset, data length). None for anything else, which the caller hands to the protobuf parser."""
     buf = memoryview(payload).cast("B")
     end = len(buf)
     pos = 0
     out = []
     try:
         while pos < end:
-            if buf[pos] != 0x0A:  # TensorSet.tensors, length-delimited
+            found = _tensor_header(buf, pos, end, end)
+            if found is None:
                 return None
-            length, pos = _varint(buf, pos + 1, end)
-            stop = pos + length
-            if stop > end:
-                return None
-            name, dtype_name, shape = "", "", []
-            data_at = data_len = 0
-            last_field = 0
-            while pos < stop:
-                tag = buf[pos]
-                field, wire = tag >> 3, tag & 7
-                if wire != 2 or not 1 <= field <= 4 or field <= last_field:
-                    return None
-                last_field = field
-                length, pos = _varint(buf, pos + 1, stop)
-                nxt = pos + length
-                if nxt > stop:
-                    return None
-                if field == 1:
-                    name = bytes(buf[pos:nxt]).decode("utf-8")
-                elif field == 2:
-                    p = pos
-                    while p < nxt:
-                        dim, p = _varint(buf, p, nxt)
-                        if dim >= 1 << 63:  # a negative int64: the full parser reports it
-                            return None
-                        shape.append(dim)
-                elif field == 3:
-                    dtype_name = bytes(buf[pos:nxt]).decode("utf-8")
-                else:
-                    data_at, data_len = pos, length
-                pos = nxt
-            out.append((name, shape, dtype_name, data_at, data_len))
+            out.append(found[:5])
+            pos = found[5]
     except (ValueError, UnicodeDecodeError):
         return None
     return out
+
+
+_FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """No NaN or infinity in ``values``: NaN and infinity survive a sum, so a finite sum settles it
+    at memory speed and without a temporary; a sum that overflowed is settled element-wise."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum()) or np.isfinite(values).all())
+
+
+class _FiniteScan:
+    """Follows a TensorSet's canonical encoding while its bytes arrive in a buffer and checks each
+    float tensor for NaN and infinity on the part just written (still in cache). :attr:`nonfinite`
+    is the set of tensor names holding any, or None if the payload was not followed to its end
+    (not canonical, or not complete): a reader must then check for itself."""
+
+    def __init__(self, buf: memoryview, arr: np.ndarray) -> None:
+        self._buf, self._arr = buf, arr
+        self._end = len(buf)
+        self._pos = 0  # start of the next Tensor message
+        self._cur: tuple[str, np.dtype, int, int] | None = None  # name, dtype, next unchecked byte, data end
+        self._bad: set[str] = set()
+        self._failed = False
+
+    def advance(self, avail: int) -> None:
+        """Bytes ``[0, avail)`` of the payload are in the buffer."""
+        try:
+            while not self._failed:
+                if self._cur is None:
+                    if self._pos >= self._end:
+                        return
+                    found = _tensor_header(self._buf, self._pos, self._end, avail)  # _Short: wait
+                    if found is None:
+                        self._failed = True
+                        return
+                    name, _, dtype_name, data_at, data_len, self._pos = found
+                    if dtype_name in _FLOAT_DTYPES:
+                        dtype = np.dtype(dtype_name).newbyteorder("<")
+                        if data_len % dtype.itemsize:
+                            self._failed = True  # decode_tensors refuses it with a proper message
+                            return
+                        self._cur = (name, dtype, data_at, data_at + data_len)
+                    continue
+                name, dtype, checked, data_end = self._cur
+                upto = min(avail, data_end)
+                upto -= (upto - checked) % dtype.itemsize
+                if upto > checked:
+                    n = (upto - checked) // dtype.itemsize
+                    if not all_finite(np.frombuffer(self._arr, dtype=dtype, count=n, offset=checked)):
+                        self._bad.add(name)
+                if upto < data_end:
+                    self._cur = (name, dtype, upto, data_end)
+                    return
+                self._cur = None
+        except _Short:
+            return
+        except (ValueError, UnicodeDecodeError):
+            self._failed = True
+
+    @property
+    def nonfinite(self) -> frozenset[str] | None:
+        done = not self._failed and self._cur is None and self._pos == self._end
+        return frozenset(self._bad) if done else None
 
 
 # --------------------------------------------------------------------------- chunk streams
@@ -283,14 +377,16 @@ def serialize_chunk(item: pb.Chunk | bytes) -> bytes:
 
 class _PayloadBuffer:
     """Where a received payload is assembled and hashed: one buffer of the announced size,
-    allocated up front, each chunk copied into place and hashed as it arrives.
+    allocated up front, each chunk copied into place, hashed and, where it holds float tensor
+    values, checked for NaN and infinity (:class:`_FiniteScan`) as it arrives.
 
     For a payload of at least ``_THREADED_HASH_BYTES`` the copy and the hash run on a helper
     thread (numpy's copy and BLAKE3 both release the GIL), so the receiving thread goes straight
     back to gRPC for the next chunk; at most ``_BACKLOG`` chunks wait. A join of the chunks after
     the trailer (the previous design) was a serial copy into freshly mapped memory, ~35 ms of a
     ~45 ms bare 51 MB transfer. :meth:`close` must be called on every path (it stops the helper);
-    :meth:`finish` returns the digest and the payload as a read-only ``memoryview``."""
+    :meth:`finish` returns the digest, the payload as a read-only ``memoryview`` and the scan's
+    verdict."""
 
     _BACKLOG = 8
 
@@ -298,7 +394,9 @@ class _PayloadBuffer:
         self.total = total
         self.size = 0  # bytes received (written, or queued to be written)
         self._arr = np.empty(total, dtype=np.uint8)
+        self._buf = memoryview(self._arr).cast("B")
         self._hash = blake3.blake3()
+        self._scan = _FiniteScan(self._buf, self._arr)
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -311,6 +409,7 @@ class _PayloadBuffer:
         piece = self._arr[offset : offset + len(data)]
         np.copyto(piece, np.frombuffer(data, dtype=np.uint8))
         self._hash.update(piece)
+        self._scan.advance(offset + len(data))
 
     def _drain(self) -> None:
         assert self._queue is not None
@@ -336,21 +435,32 @@ class _PayloadBuffer:
             self._thread.join()
             self._thread = None
 
-    def finish(self) -> tuple[str, memoryview]:
-        """(hex digest, payload) once every chunk is in."""
+    def finish(self) -> tuple[str, memoryview, frozenset[str] | None]:
+        """(hex digest, payload, names of float tensors holding NaN/inf or None) once every chunk
+        is in."""
         self.close()
         if self._error is not None:
             raise self._error
         assert self.size == self.total, "payload buffer read before it was complete"
-        return self._hash.hexdigest(), memoryview(self._arr).cast("B").toreadonly()
+        return self._hash.hexdigest(), self._buf.toreadonly(), self._scan.nonfinite
 
 
-def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -> tuple[object, memoryview]:
-    """Read a chunk stream back into (header, payload), checking order, size and the digest.
+@dataclass(frozen=True)
+class Received:
+    """A chunk stream, received and verified."""
+
+    header: Any  # pb.ModelHeader or pb.UpdateHeader
+    payload: memoryview  # read-only, bytes-like: len, slicing, hashing, decode_tensors, bytes(...)
+    # names of the float tensors holding NaN or infinity, found while the bytes arrived; None when
+    # the payload is not a canonically encoded TensorSet (a reader must check for itself)
+    nonfinite: frozenset[str] | None
+
+
+def receive_stream(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -> Received:
+    """Read a chunk stream back into its header and payload, checking order, size and the digest.
 
     ``header_field`` is ``"model_header"`` or ``"update_header"``. Data chunks may be ``pb.Chunk``
-    messages or the views :func:`parse_chunk` returns. The payload is a read-only ``memoryview``
-    (bytes-like: ``len``, slicing, hashing, ``decode_tensors`` and ``bytes(...)`` all work).
+    messages or the views :func:`parse_chunk` returns.
     """
     it = iter(chunks)
     try:
@@ -367,12 +477,18 @@ def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) 
     buf = _PayloadBuffer(total)
     try:
         trailer = _receive_into(buf, it, total)
-        computed, payload = buf.finish()
+        computed, payload, nonfinite = buf.finish()
     finally:
         buf.close()
     if computed != trailer.blake3:
         raise ChecksumError(f"blake3 mismatch: computed {computed[:12]}…, trailer says {trailer.blake3[:12] or 'nothing'}…")
-    return header, payload
+    return Received(header, payload, nonfinite)
+
+
+def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -> tuple[Any, memoryview]:
+    """(header, payload) of a chunk stream: :func:`receive_stream` without the finiteness verdict."""
+    got = receive_stream(chunks, header_field)
+    return got.header, got.payload
 
 
 def _receive_into(buf: _PayloadBuffer, it: Iterator[pb.Chunk | memoryview], total: int) -> pb.Trailer:

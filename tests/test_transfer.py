@@ -28,6 +28,7 @@ from protos.codec import (
     iter_chunks,
     parse_chunk,
     payload_digest,
+    receive_stream,
 )
 from protos.errors import ChecksumError, WireError
 
@@ -376,3 +377,70 @@ def test_unaligned_views_are_not_copied_when_the_reader_allows_it():
     for k, v in tensors.items():
         np.testing.assert_array_equal(views[k], v)
         assert float(views[k].sum()) == float(v.sum())
+
+
+# --------------------------------------------------------------------------- NaN/inf while receiving
+
+
+def _tensor_set(rng, poison: dict[str, float]) -> dict[str, np.ndarray]:
+    out = {
+        "conv.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+        "steps": np.arange(5, dtype=np.int64),
+        "fc.weight": rng.normal(size=(37, 29)).astype(np.float32),
+        "half": rng.normal(size=(11,)).astype(np.float16),
+        "fc.bias": rng.normal(size=(29,)).astype(np.float64),
+    }
+    for name, value in poison.items():
+        out[name].reshape(-1)[rng.integers(out[name].size)] = value
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000, CHUNK_SIZE])
+@pytest.mark.parametrize("poison", [{}, {"fc.weight": np.nan}, {"conv.weight": -np.inf, "fc.bias": np.inf},
+                                    {"half": np.nan}])
+def test_stream_finds_nonfinite_tensors_whatever_the_chunking(chunk_size, poison):
+    """Headers and values split across chunks at every offset: the verdict found while receiving
+    is exactly the set of float tensors holding NaN or infinity."""
+    tensors = _tensor_set(np.random.default_rng(len(poison) * 1000 + chunk_size), poison)
+    payload = encode_tensors(tensors)
+    got = receive_stream(_fast_stream(payload, chunk_size=chunk_size), "model_header")
+    assert got.payload == payload
+    assert got.nonfinite == frozenset(poison)
+
+
+def test_stream_finiteness_on_a_big_payload_and_huge_finite_values():
+    """The helper-thread path (>= 8 MiB), and finite values whose float32 sum overflows."""
+    rng = np.random.default_rng(9)
+    w = rng.normal(size=(3_000_000,)).astype(np.float32)
+    w[:8] = np.float32(3e38)  # finite, but they overflow a float32 sum
+    payload = encode_tensors({"w": w, "b": np.ones(3, dtype=np.float32)})
+    assert len(payload) > 8 << 20
+    assert receive_stream(_fast_stream(payload, chunk_size=CHUNK_SIZE), "model_header").nonfinite == frozenset()
+    w[2_500_000] = np.nan
+    payload = encode_tensors({"w": w, "b": np.ones(3, dtype=np.float32)})
+    assert receive_stream(_fast_stream(payload, chunk_size=CHUNK_SIZE), "model_header").nonfinite == {"w"}
+
+
+def test_stream_gives_no_verdict_on_a_payload_it_cannot_follow():
+    odd = pb.TensorSet(tensors=[pb.Tensor(name="x", shape=[2], dtype="float32",
+                                          data=np.array([np.nan, 1], np.float32).tobytes())])
+    raw = odd.SerializeToString()
+    reordered = raw[:2] + raw[2:].replace(b"\x12\x01\x02", b"") + b"\x12\x01\x02"  # shape after data
+    assert decode_tensors(reordered)["x"].shape == (2,)  # valid protobuf, not canonical
+    for payload in (reordered, b"\x0a\x05garbage", b"\xff" * 40):
+        assert receive_stream(_fast_stream(payload, chunk_size=3), "model_header").nonfinite is None
+
+
+def test_nan_upload_is_rejected_through_the_service(node, fast_server):
+    node.start_round()
+    bad = {k: np.ones_like(v) for k, v in node.params.items()}
+    next(iter(bad.values())).reshape(-1)[-1] = np.nan
+    payload = encode_tensors(bad)
+    client = CloudClient(f"127.0.0.1:{fast_server}")
+    try:
+        ack = client.upload(_update_header(node, payload), payload)
+    finally:
+        client.close()
+    assert not ack.accepted and "NaN or infinity" in ack.reason
+    node.finish_round()
