@@ -33,6 +33,7 @@ from cloud.strategies import Admitted, AggregationError, make_strategy
 from kernel.config import RunConfig
 from kernel.data import Dataset, Splits, load_dataset, make_splits
 from kernel.models import arch_spec, build_model, export_onnx, get_params, set_params
+from kernel.onnx_splice import exporter_for
 from protos import fogfl_pb2 as pb
 from protos.codec import all_finite, decode_tensors, encode_tensors, payload_digest
 from protos.control import Announcement, RoundMetrics, TrainConfig
@@ -395,9 +396,7 @@ class CloudNode:
         tmp = d / "latest.tmp.npz"
         np.savez(tmp, **params)
         tmp.replace(d / "latest.npz")
-        model = build_model(self.spec)
-        set_params(model, params)
-        (d / "latest.onnx.tmp").write_bytes(export_onnx(model, self.ds.shape))
+        (d / "latest.onnx.tmp").write_bytes(exporter_for(self.arch_json)(params))  # a splice, not a re-trace
         (d / "latest.onnx.tmp").replace(d / "latest.onnx")
         (d / "latest.json.tmp").write_text(json.dumps(meta))
         (d / "latest.json.tmp").replace(d / "latest.json")

@@ -81,6 +81,7 @@ class NetworkRun:
         self.out = out
         self.attack = attack
         self.children: list[Child] = []
+        self.arrivals: dict[int, float] = {}  # round -> monotonic time its metrics reached the launcher
         (out / "logs").mkdir(exist_ok=True)
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
@@ -146,6 +147,7 @@ class NetworkRun:
                     m = RoundMetrics.from_json(payload)
                 except WireError:
                     return
+                self.arrivals.setdefault(m.round, time.monotonic())
                 seen[m.round] = m
 
         link = MqttLink(self.cfg.mqtt, f"{self.cfg.run_id}-launcher-{os.getpid()}")
@@ -190,6 +192,14 @@ class NetworkRun:
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 c.proc.wait()
+
+
+def round_periods(arrivals: dict[int, float]) -> dict[str, float]:
+    """Round k's period: from round k-1's metrics to round k's, as the launcher saw them arrive
+    (monotonic seconds per round). Everything a round costs, also what the cloud does between
+    evaluating one round and announcing the next; the in-process engine's ``run_round()`` time
+    measures the same span."""
+    return {str(k): arrivals[k] - arrivals[k - 1] for k in sorted(arrivals) if k - 1 in arrivals}
 
 
 def plot_accuracy(metrics: dict, path: Path) -> None:
@@ -242,6 +252,7 @@ def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack:
         timeout: float = 900.0) -> int:
     run_dir = make_run_dir(cfg, out)
     t0 = time.monotonic()
+    arrivals: dict[int, float] = {}
     if engine == "inprocess":
         from deploy.engine import run_inprocess
 
@@ -253,12 +264,15 @@ def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack:
             net.follow(timeout, quiet)
         finally:
             net.stop()
+        arrivals = net.arrivals
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.exists():
         raise RunFailed(f"no metrics.json in {run_dir} (see {run_dir / 'logs'})")
     metrics = json.loads(metrics_path.read_text())
     metrics["wall_s"] = time.monotonic() - t0
     metrics["engine"] = engine
+    if engine != "inprocess":
+        metrics["round_period_s"] = round_periods(arrivals)
     if attack:
         from deploy.leakage import leakage_check
 

@@ -12,6 +12,11 @@ model it already had.
 Every outgoing batch goes through the node's :class:`~edge.outbox.Outbox` first. With a state
 directory, the outbox, the sequence number, the rounds already served and the samples already
 sent survive a restart; a driver calls :meth:`EdgeNode.delivered` once the broker has the batch.
+A batch in the outbox is itself the record of its round, seq and samples (a restart reads them
+back from it), so the node's ``state.json`` is written when a batch leaves the outbox, before the
+entry is dropped, not between the query and the publish. ``durability`` is the outbox's (see
+:mod:`edge.outbox`): ``"sync"`` fsyncs each batch before it is published, ``"async"`` lets the
+driver publish first and fsync while the batch is in flight.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 from edge import strategies
 from edge.classifier import OnnxClassifier
 from edge.labeler import Labeler, OracleLabeler, check_labels
-from edge.outbox import Outbox, atomic_write
+from edge.outbox import Durability, Outbox, atomic_write
 from kernel.config import RunConfig
 from kernel.data import Dataset, Splits, load_dataset, make_splits
 from kernel.errors import ConfigError, ModelError
@@ -54,6 +59,7 @@ class EdgeNode:
         splits: Splits | None = None,
         threads: int = 1,
         track_delivery: bool = True,
+        durability: Durability = "sync",
     ) -> None:
         """``dataset`` / ``splits`` may be passed in by a driver that hosts many edges (they are
         what ``load_dataset(cfg.data)`` / ``make_splits(cfg, dataset)`` return).
@@ -78,7 +84,7 @@ class EdgeNode:
         self.track_delivery = track_delivery
 
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.outbox = Outbox(self.state_dir / "outbox" if self.state_dir is not None else None)
+        self.outbox = Outbox(self.state_dir / "outbox" if self.state_dir is not None else None, durability)
         self._acted: set[int] = set()
 
         self.model: OnnxClassifier | None = None
@@ -186,13 +192,14 @@ class EdgeNode:
 
     def delivered(self, msg: Publish | int) -> bool:
         """The broker (or the in-process engine) has the batch ``msg`` (a Publish this node
-        returned, or its seq): drop it from the outbox."""
-        if isinstance(msg, int):
-            return self.outbox.ack(msg)
-        for entry in self.outbox.pending():
-            if entry.msg is msg or entry.msg == msg:
-                return self.outbox.ack(entry.seq)
-        return False
+        returned, or its seq): record what it carried in the node's state, then drop it from the
+        outbox."""
+        seq = msg if isinstance(msg, int) else next(
+            (e.seq for e in self.outbox.pending() if e.msg is msg or e.msg == msg), None)
+        if seq is None or seq not in self.outbox:
+            return False
+        self._save_state()  # the entry is the durable record of its batch until this is written
+        return self.outbox.ack(seq, counter_saved=self.state_dir is not None)  # next_seq is in the state
 
     def preload(self, onnx: bytes, version: int = 0, source: str = "file") -> None:
         """Start with a model shipped with the device (e.g. the cloud's ``checkpoints/latest.onnx``)
@@ -246,10 +253,11 @@ class EdgeNode:
         )
         pub = Publish(topic=self.topics.samples(self.fog_id), payload=batch.SerializeToString(), qos=1, retain=False)
         if self.track_delivery:
-            self.outbox.put(seq, pub)  # durable before anything else changes
+            self.outbox.put(seq, pub)  # stored before anything else changes; it records this batch
         self._available[np.searchsorted(self.pool_ids, ids)] = False
         self._acted.add(ann.round)
-        self._save_state()
+        if not self.track_delivery:
+            self._save_state()  # no outbox entry records this batch: the state must
         self.labels_sent += len(ids)
         self.bytes_sent += len(pub.payload)
         log.info("%s: round %d: %d samples by %s (model v%d, %.1f ms query), seq %d, %d left in pool",

@@ -1,8 +1,19 @@
 """A durable outbox for messages that must reach the broker (QoS 1).
 
-A message is written to disk (atomically: temp file, fsync, rename) *before* it is published and
-removed only once the broker acknowledged it (PUBACK). After a crash or restart, whatever is still
-in the outbox is sent again; receivers de-duplicate by ``(edge_id, seq)``.
+A message is stored *before* it is published and removed only once the broker acknowledged it
+(PUBACK). After a crash or restart, whatever is still in the outbox is sent again; receivers
+de-duplicate by ``(edge_id, seq)``. How far "stored" goes before the publish is the outbox's
+``durability``:
+
+- ``"sync"`` (the default): written atomically (temp file, fsync, rename, directory fsync) before
+  :meth:`Outbox.put` returns. A power cut at any moment loses nothing that was put.
+- ``"async"``: written atomically to the OS (temp file, rename) before :meth:`Outbox.put`
+  returns, and made durable by :meth:`Outbox.sync`, which the driver calls right after handing
+  the message to the network, so that the fsync overlaps the broker's round trip instead of
+  delaying the publish. (An entry the broker acknowledged before it was synced needs no sync:
+  the broker has it.) A crash of the process loses nothing (the OS has the file); a power cut in
+  the milliseconds between ``put`` and ``sync`` loses the entry if the broker did not get it
+  either.
 
 Sequence numbers never go backwards across restarts for anything that was stored: a pending
 entry carries its own seq (the next one continues above it), and the counter file is written
@@ -28,6 +39,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from kernel.errors import ConfigError
 from protos.envelope import Publish
@@ -35,6 +47,8 @@ from protos.envelope import Publish
 log = logging.getLogger(__name__)
 
 _MAGIC = b"FOGFLOB1"
+Durability = Literal["sync", "async"]
+DURABILITIES: tuple[str, ...] = ("sync", "async")
 _SUFFIX = ".msg"
 
 
@@ -44,15 +58,30 @@ class Entry:
     msg: Publish
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+    ``durable``: fsync the file and its directory (else a power cut may leave the old file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -88,10 +117,14 @@ def _decode(data: bytes) -> Entry:
 
 
 class Outbox:
-    def __init__(self, directory: Path | str | None = None) -> None:
+    def __init__(self, directory: Path | str | None = None, durability: Durability = "sync") -> None:
+        if durability not in DURABILITIES:
+            raise ConfigError(f"unknown outbox durability {durability!r}; use one of {', '.join(DURABILITIES)}")
         self.directory = Path(directory) if directory is not None else None
+        self.durability = durability
         self._lock = threading.Lock()
         self._entries: dict[int, Entry] = {}
+        self._unsynced: set[int] = set()  # stored without fsync ("async"), not yet synced
         self._next = 1
         self._persisted_next = 1
         if self.directory is not None:
@@ -158,25 +191,54 @@ class Outbox:
             self._persisted_next = self._next
 
     def put(self, seq: int, msg: Publish) -> Entry:
-        """Store ``msg`` under ``seq`` (durably, when on disk) until :meth:`ack`."""
+        """Store ``msg`` under ``seq`` until :meth:`ack`: on disk and synced ("sync"), or on disk
+        and synced by the next :meth:`sync` ("async")."""
         entry = Entry(seq, msg)
         with self._lock:
             if self.directory is not None:
-                atomic_write(self._path(seq), _encode(entry))
+                durable = self.durability == "sync"
+                atomic_write(self._path(seq), _encode(entry), durable=durable)
+                if not durable:
+                    self._unsynced.add(seq)
             self._entries[seq] = entry
         return entry
 
-    def ack(self, seq: int) -> bool:
-        """The broker acknowledged ``seq``: forget it. False if it was not pending."""
+    @property
+    def unsynced(self) -> int:
+        """Entries stored but not yet fsynced (only with ``durability="async"``)."""
+        with self._lock:
+            return len(self._unsynced)
+
+    def sync(self) -> int:
+        """Make every stored entry durable: one fsync per unsynced file, then one of the directory
+        for all of them (their renames). Returns how many entries it synced."""
+        with self._lock:
+            seqs = sorted(self._unsynced)
+            if not seqs or self.directory is None:
+                return 0
+            for seq in seqs:
+                _fsync_file(self._path(seq))
+            _fsync_dir(self.directory)
+            self._unsynced.clear()
+            return len(seqs)
+
+    def ack(self, seq: int, counter_saved: bool = False) -> bool:
+        """The broker acknowledged ``seq``: forget it. False if it was not pending.
+
+        The entry was the durable record of its seq, so the counter is written first -- unless
+        ``counter_saved``: the caller has just made a sequence number at least :attr:`next`
+        durable itself (and restores it with :meth:`advance`). The unlink is not fsynced: an
+        entry that a power cut brings back is sent again, and receivers drop it as a duplicate."""
         with self._lock:
             entry = self._entries.pop(seq, None)
+            self._unsynced.discard(seq)  # the broker has it: no need to sync a file about to go
             if entry is not None and self.directory is not None:
-                self._persist_seq()  # the entry was the durable record of its seq; keep it counted
+                if not counter_saved:
+                    self._persist_seq()
                 try:
                     self._path(seq).unlink()
                 except FileNotFoundError:
                     pass
-                _fsync_dir(self.directory)
             return entry is not None
 
     def pending(self) -> list[Entry]:
@@ -187,3 +249,7 @@ class Outbox:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+    def __contains__(self, seq: object) -> bool:
+        with self._lock:
+            return seq in self._entries

@@ -5,11 +5,14 @@
   :class:`~kernel.errors.ConnectError`.
 - Subscribes to the round announcements and to its fog's model topic. paho's callbacks only put
   messages on a queue; the calling thread of :func:`run_edge` is the worker that runs the node
-  (ONNX inference, queries), so the network loop never waits on inference.
+  (ONNX inference, queries), so the network loop never waits on inference. A PUBACK also wakes
+  the worker (no polling on the path of a round).
 - Everything the node emits is in its outbox (on disk with a state dir) before it is published;
-  an entry leaves the outbox only when the broker's PUBACK came back. Entries left over from an
-  earlier run are re-sent first; an entry without an ack after ``resend_s`` is sent again (the fog
-  de-duplicates by ``(edge_id, seq)``).
+  an entry leaves the outbox only when the broker's PUBACK came back. With
+  ``edge.durability: async`` the entry's fsync comes right after the publish, overlapping the
+  broker's round trip (see :mod:`edge.outbox`). Entries left over from an earlier run are re-sent
+  first; an entry without an ack after ``resend_s`` is sent again (the fog de-duplicates by
+  ``(edge_id, seq)``).
 - Runs until a ``done`` announcement (then waits up to ``drain_s`` for outstanding acks) or until
   ``stop`` is set.
 """
@@ -20,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -31,19 +35,31 @@ from kernel.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
 
+_IDLE_S = 0.25  # how often an idle worker looks at stop, reconnects and resends
+
 
 class _Sender:
-    """Publishes the node's outbox entries (QoS 1) and acknowledges them once the broker did."""
+    """Publishes the node's outbox entries (QoS 1) and acknowledges them once the broker did.
+    ``wake`` is called (on paho's network thread) whenever the broker acknowledged something."""
 
-    def __init__(self, link: MqttLink, node: EdgeNode, resend_s: float) -> None:
+    def __init__(self, link: MqttLink, node: EdgeNode, resend_s: float, wake: Callable[[], None]) -> None:
         self.link = link
         self.node = node
         self.resend_s = resend_s
         self.inflight: dict[int, tuple[mqtt.MQTTMessageInfo, float]] = {}
         self.delivered = 0
+        self._acked = threading.Event()
+
+        def on_published(mid: int) -> None:
+            self._acked.set()
+            wake()
+
+        link.on_published = on_published
 
     def pump(self) -> None:
+        self._acked.clear()
         now = time.monotonic()
+        published = False
         for entry in self.node.outbox.pending():
             sent = self.inflight.get(entry.seq)
             if sent is not None:
@@ -68,14 +84,17 @@ class _Sender:
                                             retain=entry.msg.retain)
             self.link.bytes_out += len(entry.msg.payload)
             self.inflight[entry.seq] = (info, now)
+            published = True
+        if published:
+            self.node.outbox.sync()  # durability "async": the fsync overlaps the broker's round trip
 
     def drain(self, timeout: float) -> bool:
         """Pump until the outbox is empty or ``timeout`` passes. True if everything was acked."""
         end = time.monotonic() + timeout
-        while len(self.node.outbox) and time.monotonic() < end:
-            self.pump()
-            time.sleep(0.02)
         self.pump()
+        while len(self.node.outbox) and time.monotonic() < end:
+            self._acked.wait(min(_IDLE_S, max(0.0, end - time.monotonic())))
+            self.pump()
         return len(self.node.outbox) == 0
 
 
@@ -93,12 +112,12 @@ def run_edge(
 ) -> EdgeNode:
     """Run edge ``edge_id`` of ``cfg`` against the broker in ``cfg.mqtt`` until the run is done
     (or ``stop`` is set). Returns the node (its counters tell what it did)."""
-    node = EdgeNode(cfg, edge_id, state_dir, labeler=labeler)
+    node = EdgeNode(cfg, edge_id, state_dir, labeler=labeler, durability=cfg.edge.durability)
     if initial_model is not None:
         node.preload(initial_model[0], source=initial_model[1])
     topics = node.topics
     model_topic = topics.edge_model(node.fog_id)
-    inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()  # None: the broker acknowledged something
 
     def enqueue(topic: str, payload: bytes) -> None:  # paho's network thread: never block here
         inbox.put((topic, payload))
@@ -108,7 +127,7 @@ def run_edge(
     link.subscribe(model_topic, enqueue)
     link.connect(timeout=connect_timeout)
     log.info("%s: connected to %s:%d (run %s, fog %s)", edge_id, link.host, cfg.mqtt.port, cfg.run_id, node.fog_id)
-    sender = _Sender(link, node, resend_s)
+    sender = _Sender(link, node, resend_s, wake=lambda: inbox.put(None))
     stopped = False
     try:
         if len(node.outbox):
@@ -118,10 +137,11 @@ def run_edge(
                 stopped = True
                 break
             try:
-                topic, payload = inbox.get(timeout=0.05)
+                item = inbox.get(timeout=_IDLE_S)
             except queue.Empty:
-                pass
-            else:
+                item = None
+            if item is not None:
+                topic, payload = item
                 try:
                     if topic == model_topic:
                         node.on_model(payload)

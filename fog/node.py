@@ -19,7 +19,8 @@ import numpy as np
 from fog.pool import PooledBatch, SamplePool
 from fog.trainer import local_update
 from kernel.config import RunConfig
-from kernel.models import build_model, export_onnx, set_params
+from kernel.errors import ModelError
+from kernel.onnx_splice import exporter_for
 from protos import fogfl_pb2 as pb
 from protos.capture import write_truth
 from protos.codec import decode_tensors, encode_tensors, sha256_hex, tensor_from_pb
@@ -87,12 +88,11 @@ class FogNode:
         try:
             spec = json.loads(header.arch_json)
             params = decode_tensors(payload)
-            model = build_model(spec)
-            set_params(model, params)
             train = TrainConfig.model_validate_json(header.train_json) if header.train_json else None
-        except (ValueError, WireError) as exc:  # pydantic's ValidationError is a ValueError
-            raise WireError(f"model v{header.version} from the cloud is unusable: {str(exc).splitlines()[0]}") from None
-        onnx = export_onnx(model, spec["in_shape"])
+            onnx = exporter_for(header.arch_json)(params)  # checks names and shapes
+        except (ValueError, KeyError, TypeError, WireError, ModelError) as exc:  # ValidationError is a ValueError
+            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise WireError(f"model v{header.version} from the cloud is unusable: {reason}") from None
         with self._lock:
             self.spec, self.served, self.model_version = spec, params, int(header.version)
             self.train_override = train

@@ -93,6 +93,14 @@ class MqttConfig(_Strict):
     keepalive: int = Field(30, ge=5)
 
 
+class EdgeConfig(_Strict):
+    durability: Literal["sync", "async"] = Field(
+        "sync", description="edge outbox (with a state dir): 'sync' fsyncs each sample batch before it is "
+                            "published (a power cut loses nothing); 'async' publishes first and fsyncs while "
+                            "the batch is in flight (a process crash loses nothing; a power cut within those "
+                            "milliseconds can lose a batch the broker did not get)")
+
+
 class RunConfig(_Strict):
     run_id: str = "demo"
     seed: int = 0
@@ -105,6 +113,7 @@ class RunConfig(_Strict):
     cloud: CloudConfig = Field(default_factory=CloudConfig)
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
 
     @field_validator("run_id")
     @classmethod

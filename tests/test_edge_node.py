@@ -266,3 +266,26 @@ def test_without_delivery_tracking_nothing_waits_in_the_outbox(cfg, onnx_v1, tmp
     again = EdgeNode(cfg, EDGE, tmp_path, track_delivery=False)
     again.on_model(model_msg(onnx_v1, 1))
     assert batch_of(again.on_announcement(announce(cfg, 2))).seq == 2 and len(again.outbox) == 0
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_the_state_file_is_written_when_a_batch_leaves_the_outbox(cfg, onnx_v1, tmp_path, durability):
+    node = EdgeNode(cfg, EDGE, tmp_path, durability=durability)
+    node.on_model(model_msg(onnx_v1, 1))
+    p1 = node.on_announcement(announce(cfg, 1))
+    state = json.loads((tmp_path / "state.json").read_text())
+    # between the query and the publish only the outbox entry is written: it records the batch
+    assert state["acted_rounds"] == [] and state["sent_ids"] == []
+    assert len(list((tmp_path / "outbox").glob("*.msg"))) == 1
+    restarted = EdgeNode(cfg, EDGE, tmp_path)  # a crash now: the outbox tells what was sent
+    assert restarted.acted_rounds == [1] and restarted.pool_size == node.pool_size
+    assert [e.msg for e in restarted.outbox.pending()] == p1
+
+    node.outbox.sync()
+    assert node.delivered(p1[0])
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["acted_rounds"] == [1] and sorted(state["sent_ids"]) == sorted(batch_of(p1).sample_ids)
+    assert state["next_seq"] == 2 and not list((tmp_path / "outbox").glob("*.msg"))
+    again = EdgeNode(cfg, EDGE, tmp_path)
+    assert again.acted_rounds == [1] and again.pool_size == node.pool_size and again.outbox.next_seq() == 2
+    assert not node.delivered(p1[0]) and not node.delivered(99)

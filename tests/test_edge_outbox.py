@@ -75,3 +75,69 @@ def test_an_unusable_directory_is_a_config_error(tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ConfigError, match="cannot create the outbox directory"):
         Outbox(tmp_path / "a-file" / "outbox")
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """Counts the outbox's fsync calls (they still happen)."""
+    import edge.outbox as outbox_mod
+
+    calls: list[int] = []
+    real = outbox_mod.os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(outbox_mod.os, "fsync", counting)
+    return calls
+
+
+def test_sync_durability_fsyncs_before_put_returns(tmp_path, fsyncs):
+    box = Outbox(tmp_path)  # "sync" is the default
+    box.put(box.next_seq(), msg(1))
+    assert len(fsyncs) == 2 and box.unsynced == 0  # the file and its directory
+    assert box.sync() == 0 and len(fsyncs) == 2
+
+
+def test_async_durability_writes_at_put_and_fsyncs_at_sync(tmp_path, fsyncs):
+    box = Outbox(tmp_path, durability="async")
+    for _ in range(3):
+        box.put(box.next_seq(), msg(_))
+    assert fsyncs == [] and box.unsynced == 3
+    # written (to the OS) already: a crash of the process right now loses nothing
+    assert [(e.seq, e.msg) for e in Outbox(tmp_path).pending()] == [(1, msg(0)), (2, msg(1)), (3, msg(2))]
+    assert box.sync() == 3 and box.unsynced == 0
+    assert len(fsyncs) == 4  # group commit: one per file, one for the directory
+    assert box.sync() == 0 and len(fsyncs) == 4
+
+
+def test_an_entry_acknowledged_before_its_sync_is_not_synced(tmp_path, fsyncs):
+    box = Outbox(tmp_path, durability="async")
+    box.put(box.next_seq(), msg(1))
+    box.put(box.next_seq(), msg(2))
+    assert box.ack(1, counter_saved=True)  # the broker has it: no reason to sync it any more
+    assert box.unsynced == 1 and fsyncs == []
+    assert box.sync() == 1 and len(fsyncs) == 2
+    assert [e.seq for e in Outbox(tmp_path).pending()] == [2]
+
+
+def test_ack_with_a_counter_saved_elsewhere_writes_no_seq_file(tmp_path, fsyncs):
+    box = Outbox(tmp_path)
+    box.put(box.next_seq(), msg(1))
+    n = len(fsyncs)
+    box.ack(1, counter_saved=True)
+    assert len(fsyncs) == n and not (tmp_path / "seq").exists()
+    again = Outbox(tmp_path)
+    again.advance(2)  # what the caller does with the counter it saved
+    assert again.next_seq() == 2
+
+
+def test_unknown_durability_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="durability"):
+        Outbox(tmp_path, durability="eventually")
+    from kernel.config import build_config
+
+    assert build_config([], [("edge.durability", "async")], use_env=False).edge.durability == "async"
+    with pytest.raises(ConfigError):
+        build_config([], [("edge.durability", "eventually")], use_env=False)

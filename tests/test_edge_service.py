@@ -4,6 +4,7 @@ restart, liveness, and a one-line ConnectError when there is no broker."""
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -177,3 +178,39 @@ def test_unreachable_broker_is_a_one_line_connect_error():
     with pytest.raises(ConnectError) as err:
         run_edge(cfg, EDGE, connect_timeout=5)
     assert "\n" not in str(err.value) and f"127.0.0.1:{cfg.mqtt.port}" in str(err.value)
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_durable_batches_leave_the_outbox_on_the_brokers_ack(broker, onnx, tmp_path, durability):
+    cfg = make_cfg(f"svc-dur-{durability}", broker.port)
+    cfg.edge.durability = durability
+    topics = Topics(cfg.run_id)
+    peer = Peer(broker.port, [topics.samples(FOG)])
+    stop = threading.Event()
+    try:
+        peer.publish(topics.edge_model(FOG), pb.EdgeModel(version=0, onnx=onnx, sha256=sha256_hex(onnx),
+                                                          arch="mlp").SerializeToString())
+        th, result = start_edge(cfg, state_dir=tmp_path, stop=stop)
+        sent = []
+        for r in (1, 2):
+            peer.publish(topics.rounds, announcement(cfg.run_id, r))
+            sent.append(batch(peer.next(topics.samples(FOG))))
+        assert [(b.round, b.seq) for b in sent] == [(1, 1), (2, 2)]
+        deadline = time.monotonic() + 10  # the PUBACK wakes the edge, which records and drops the entry
+        while time.monotonic() < deadline and (list((tmp_path / "outbox").glob("*.msg")) or
+                                               json.loads((tmp_path / "state.json").read_text())["acted_rounds"] != [1, 2]):
+            time.sleep(0.02)
+        assert not list((tmp_path / "outbox").glob("*.msg"))
+        state = json.loads((tmp_path / "state.json").read_text())
+        assert state["acted_rounds"] == [1, 2] and state["next_seq"] == 3
+        assert sorted(state["sent_ids"]) == sorted(i for b in sent for i in b.sample_ids)
+        stop.set()
+        th.join(20)
+        assert not th.is_alive() and "error" not in result
+        node = result["node"]
+        assert node.outbox.durability == durability and node.outbox.unsynced == 0 and len(node.outbox) == 0
+    finally:
+        stop.set()
+        peer.publish(topics.rounds, b"", retain=True)
+        peer.publish(topics.edge_model(FOG), b"", retain=True)
+        peer.close()
