@@ -81,6 +81,13 @@ class _Round:
     fold_errors: int = 0
 
 
+@dataclass
+class _Slot:
+    """A fold slot taken by a receiver; ``handed_over`` once a queued fold owns it."""
+
+    handed_over: bool = False
+
+
 class CloudNode:
     def __init__(
         self,
@@ -221,11 +228,23 @@ class CloudNode:
         the fold-in of the values into the aggregate (the one pass over the update that is not a
         check) runs on the node's fold worker, in acceptance order, and :meth:`finish_round` waits
         for it. At most :attr:`FOLD_BACKLOG` accepted updates wait for their fold; a receiver
-        beyond that blocks before acknowledging, so memory stays bounded whatever the fan-in.
+        beyond that waits for a slot before it takes the node's lock (so downloads and other
+        fogs' checks go on meanwhile), and memory stays bounded whatever the fan-in.
         ``payload`` is only read (any bytes-like object; the update's arrays are views into it).
         ``nonfinite``: the float tensors a receiver already found holding NaN or infinity while the
         bytes arrived (:func:`protos.codec.receive_stream`); None and the node checks itself.
         """
+        self._fold_slots.acquire()
+        slot = _Slot()  # the slot passes to the fold if one is queued, else it is released here
+        try:
+            return self._receive(header, payload, nonfinite, slot)
+        finally:
+            if not slot.handed_over:
+                self._fold_slots.release()
+
+    def _receive(self, header: pb.UpdateHeader, payload: bytes | memoryview,
+                 nonfinite: frozenset[str] | None, slot: _Slot) -> pb.UploadAck:
+        """receive_update, holding a fold slot; checks under the node's lock, observers after."""
         with self._lock:
             rnd = self.current
             reason = self._check(header, rnd)
@@ -254,7 +273,7 @@ class CloudNode:
             self.labels[header.fog_id] = int(header.labels_total)
             transformed = header.fog_id in rnd.transformed
             if admitted is not None:
-                self._fold_later(rnd, admitted)
+                self._fold_later(rnd, admitted, slot)
                 rnd.aggregated += 1
             served = rnd.served.get(header.fog_id, self._payload)
             obs = UpdateObservation(header.fog_id, header.round, self.version, self.arch_json, served, header,
@@ -269,16 +288,13 @@ class CloudNode:
 
     FOLD_BACKLOG = 2
 
-    def _fold_later(self, rnd: _Round, admitted: Admitted) -> None:
-        """Queue an admitted update for the fold worker (called under the node's lock)."""
+    def _fold_later(self, rnd: _Round, admitted: Admitted, slot: _Slot) -> None:
+        """Queue an admitted update for the fold worker (under the node's lock) on the caller's
+        fold slot, which the fold releases when it ends."""
         if self._fold_pool is None:
             self._fold_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fold")
-        self._fold_slots.acquire()  # backpressure: the worker releases a slot per finished fold
-        try:
-            fut = self._fold_pool.submit(self.strategy.fold, admitted)
-        except BaseException:
-            self._fold_slots.release()
-            raise
+        fut = self._fold_pool.submit(self.strategy.fold, admitted)
+        slot.handed_over = True
         fut.add_done_callback(lambda _f: self._fold_slots.release())
         rnd.folds.append(fut)
 

@@ -212,3 +212,48 @@ def test_a_failed_fold_is_counted_and_logged_and_the_node_goes_on(cfg, caplog):
         h, b, _ = _update(node, fog)
         assert node.receive_update(h, b).accepted
     assert node.finish_round().updates == 2 and node.version == 2
+
+
+def test_a_receiver_beyond_the_fold_backlog_waits_without_blocking_the_node(cfg):
+    """While the fold worker is stuck, FOLD_BACKLOG + 1 updates are accepted; the next receiver
+    waits for a slot *outside* the node's lock, so models are still served; once the worker moves
+    on, the waiting update is accepted and every accepted update reaches the aggregate."""
+    import threading
+
+    big = build_config([], [("topology.fogs", 5), ("topology.edges_per_fog", 1), ("rounds", 2),
+                            ("cloud.warm_start.per_class", 2)], use_env=False)
+    node = CloudNode(big)
+    node.start_round()
+    gate = threading.Event()
+    real_fold = node.strategy.fold
+
+    def slow_fold(admitted):
+        assert gate.wait(30)
+        real_fold(admitted)
+
+    node.strategy.fold = slow_fold
+    uploads = [_update(node, f"fog-{i}") for i in range(5)]
+    slots = node.FOLD_BACKLOG + 1
+    for h, b, _ in uploads[:slots]:
+        assert node.receive_update(h, b).accepted
+    acks = {}
+    waiting = threading.Thread(target=lambda: acks.setdefault("late", node.receive_update(*uploads[slots][:2])))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()  # no fold slot free
+    served = {}
+    server = threading.Thread(target=lambda: served.setdefault("m", node.serve_model("fog-4")))
+    server.start()
+    server.join(5)
+    stuck = server.is_alive()
+    gate.set()  # unblock everything before asserting, so a failure cannot hang the suite
+    server.join(30)
+    assert not stuck, "serve_model waited for the fold backlog: the receiver held the node's lock"
+    assert served["m"][0].total_bytes == len(served["m"][1])
+    waiting.join(30)
+    assert not waiting.is_alive() and acks["late"].accepted
+    h, b, _ = uploads[slots + 1]
+    assert node.receive_update(h, b).accepted
+    m = node.finish_round()
+    assert m.updates == 5 and node.strategy.received == 0  # all folded, round closed
+    assert node.metrics_document()["fold_errors"] == 0
