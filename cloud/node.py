@@ -308,6 +308,13 @@ class CloudNode:
                 log.error("round %d: folding an accepted update failed: %r", rnd.number, exc)
         rnd.folds = []
 
+    def screen_update(self, header: pb.UpdateHeader) -> str | None:
+        """Why an upload with this header would be rejected, before its payload is read (None:
+        read it). The same header checks :meth:`receive_update` makes; a receiver calls this
+        first so that it neither reads nor allocates for an update it would refuse."""
+        with self._lock:
+            return self._check(header, self.current)
+
     def _check(self, h: pb.UpdateHeader, rnd: _Round | None) -> str | None:
         if rnd is None:
             return "no round is open"
@@ -326,6 +333,8 @@ class CloudNode:
             return f"round {rnd.number} asked {h.fog_id} for {asked} updates, got {h.update_kind}"
         if h.num_samples == 0:
             return "update computed on 0 samples"
+        if h.total_bytes != len(self._payload):  # same names, shapes and dtype: the same encoding size
+            return f"update announces {h.total_bytes} bytes, an update of this model is {len(self._payload)}"
         return None
 
     def _check_shapes(self, update: dict[str, np.ndarray], nonfinite: frozenset[str] | None = None) -> None:

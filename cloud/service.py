@@ -64,7 +64,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
         try:
-            got = receive_stream(request_iterator, "update_header")
+            got = receive_stream(request_iterator, "update_header", screen=self.node.screen_update)
         except WireError as exc:
             self.rejected += 1
             log.warning("rejected a malformed upload from %s: %s", context.peer(), exc)

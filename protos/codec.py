@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -415,11 +415,15 @@ class Received:
     nonfinite: frozenset[str] | None
 
 
-def receive_stream(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -> Received:
+def receive_stream(chunks: Iterable[pb.Chunk | memoryview], header_field: str,
+                   screen: Callable[[Any], str | None] | None = None) -> Received:
     """Read a chunk stream back into its header and payload, checking order, size and the digest.
 
     ``header_field`` is ``"model_header"`` or ``"update_header"``. Data chunks may be ``pb.Chunk``
-    messages or the views :func:`parse_chunk` returns.
+    messages or the views :func:`parse_chunk` returns. ``screen(header)``, if given, runs before
+    anything is allocated or read past the header; a reason it returns refuses the stream
+    (WireError), so a receiver that knows what it expects never reads, or reserves memory for,
+    a payload it would reject anyway.
     """
     it = iter(chunks)
     try:
@@ -433,6 +437,8 @@ def receive_stream(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -
     total = int(header.total_bytes)
     if total > MAX_PAYLOAD_BYTES:
         raise WireError(f"header announces {total} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit")
+    if screen is not None and (reason := screen(header)):
+        raise WireError(reason)
     buf = _PayloadBuffer(total)
     trailer = _receive_into(buf, it, total)
     computed, payload, nonfinite = buf.finish()

@@ -433,3 +433,29 @@ def test_nan_upload_is_rejected_through_the_service(node, fast_server):
         client.close()
     assert not ack.accepted and "NaN or infinity" in ack.reason
     node.finish_round()
+
+
+def test_upload_the_cloud_would_refuse_is_refused_from_its_header(node, fast_server):
+    """The cloud screens the update header before reading or allocating anything: a header that
+    announces the wrong size (here 1.9 GB) or comes from a fog not in the round is refused with
+    that reason, not after 1.9 GB were reserved and the stream came up short."""
+    node.start_round()
+    channel = grpc.insecure_channel(f"127.0.0.1:{fast_server}")
+    raw_upload = channel.stream_unary("/fogfl.Aggregator/UploadUpdate", request_serializer=lambda b: b,
+                                      response_deserializer=pb.UploadAck.FromString)
+    payload = encode_tensors({k: np.zeros_like(v) for k, v in node.params.items()})
+    try:
+        huge = _update_header(node, payload)
+        huge.total_bytes = 1_900_000_000
+        frames = [pb.Chunk(update_header=huge).SerializeToString(), encode_data_chunk(b"x" * 10)]
+        ack = raw_upload(iter(frames), timeout=30)
+        assert not ack.accepted and "announces 1900000000 bytes" in ack.reason
+        stranger = _update_header(node, payload)
+        stranger.fog_id = "fog-77"
+        ack = raw_upload(chunk_frames(pb.Chunk(update_header=stranger), payload), timeout=30)
+        assert not ack.accepted and "not selected" in ack.reason
+        ok = raw_upload(chunk_frames(pb.Chunk(update_header=_update_header(node, payload)), payload), timeout=30)
+        assert ok.accepted, ok.reason
+    finally:
+        channel.close()
+    node.finish_round()
