@@ -459,3 +459,39 @@ def test_upload_the_cloud_would_refuse_is_refused_from_its_header(node, fast_ser
     finally:
         channel.close()
     node.finish_round()
+
+
+# --------------------------------------------------------------------------- receive buffer reuse
+
+
+def test_receive_buffers_are_reused_only_when_nothing_refers_to_them():
+    """A buffer goes back into use only when every view of the payload it held is gone: a
+    decoded array, a numpy view or the memoryview itself keeps it out of reach."""
+    from protos.codec import _POOL
+
+    rng = np.random.default_rng(11)
+    tensors = [{"w": rng.normal(size=(700_000,)).astype(np.float32)} for _ in range(4)]
+    payloads = [encode_tensors(t) for t in tensors]
+
+    def receive(i):
+        return receive_stream(_fast_stream(payloads[i], chunk_size=CHUNK_SIZE), "model_header").payload
+
+    first = receive(0)
+    kept_array = decode_tensors(first, copy=False, aligned=False)["w"]  # a view into the buffer
+    kept_raw = np.frombuffer(receive(1), dtype=np.uint8)  # the memoryview itself is gone already
+    del first
+    before = _POOL.reused
+    third = receive(2)
+    # neither held buffer was handed out again, and what they hold is intact
+    assert not np.shares_memory(np.frombuffer(third, dtype=np.uint8), kept_array)
+    assert not np.shares_memory(np.frombuffer(third, dtype=np.uint8), kept_raw)
+    np.testing.assert_array_equal(kept_array, tensors[0]["w"])
+    assert kept_raw.tobytes() == payloads[1]
+    assert third == payloads[2]
+    third_arr = np.frombuffer(third, dtype=np.uint8)
+    del third, third_arr
+    fourth = receive(3)  # the third's buffer is free now: reused
+    assert _POOL.reused > before
+    assert fourth == payloads[3]
+    np.testing.assert_array_equal(kept_array, tensors[0]["w"])
+    assert kept_raw.tobytes() == payloads[1]
