@@ -19,12 +19,7 @@ if "fed2" not in ARCHS and importlib.util.find_spec("kernel.fed2") is not None:
 SHAPES = [(1, 8, 8), (3, 16, 16)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -15,13 +15,7 @@ from kernel.errors import ModelError
 from kernel.models import ARCHS, arch_spec, build_model, export_onnx, get_params, register_arch, set_params
 from kernel.onnx_splice import OnnxExporter, exporter_for, float_initializers
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "lenet", "convfc", "fed2"])
