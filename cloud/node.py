@@ -89,6 +89,8 @@ class _Slot:
 
 
 class CloudNode:
+    FOLD_BACKLOG = 2  # accepted updates that may wait for the fold worker (see receive_update)
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -285,8 +287,6 @@ class CloudNode:
             except Exception:
                 log.exception("update observer failed; the round goes on")
         return pb.UploadAck(accepted=True, round=header.round)
-
-    FOLD_BACKLOG = 2
 
     def _fold_later(self, rnd: _Round, admitted: Admitted, slot: _Slot) -> None:
         """Queue an admitted update for the fold worker (under the node's lock) on the caller's
