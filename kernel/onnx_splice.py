@@ -25,38 +25,24 @@ import numpy as np
 
 from kernel.errors import ModelError
 from kernel.models import build_model, export_onnx, get_params, set_params
+from protos.codec import read_varint
 
 log = logging.getLogger(__name__)
 
 _FLOAT = 1  # onnx TensorProto.DataType.FLOAT
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
 def _fields(buf: bytes, start: int, end: int):
     """(field number, wire type, value or (start, end) of a length-delimited field) in buf[start:end]."""
     pos = start
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = read_varint(buf, pos, len(buf))
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
+            value, pos = read_varint(buf, pos, len(buf))
             yield field, wire, value
         elif wire == 2:
-            n, pos = _varint(buf, pos)
+            n, pos = read_varint(buf, pos, len(buf))
             if pos + n > end:
                 raise ValueError("length-delimited field runs past its message")
             yield field, wire, (pos, pos + n)

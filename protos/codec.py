@@ -139,7 +139,7 @@ class _Short(ValueError):
     """The bytes at hand end before the structure being read does (more may still arrive)."""
 
 
-def _varint(buf: bytes | memoryview, pos: int, end: int, avail: int | None = None) -> tuple[int, int]:
+def read_varint(buf: bytes | memoryview, pos: int, end: int, avail: int | None = None) -> tuple[int, int]:
     """(value, next position) of the base-128 varint at ``pos``; ValueError if it runs past ``end``
     or is longer than 10 bytes, :class:`_Short` if it runs past ``avail`` (the bytes received so
     far, when fewer than ``end``) first."""
@@ -169,7 +169,7 @@ def _tensor_header(buf: bytes | memoryview, pos: int, end: int,
         raise _Short
     if buf[pos] != 0x0A:  # TensorSet.tensors, length-delimited
         return None
-    length, pos = _varint(buf, pos + 1, end, avail)
+    length, pos = read_varint(buf, pos + 1, end, avail)
     stop = pos + length
     if stop > end:
         return None
@@ -184,7 +184,7 @@ def _tensor_header(buf: bytes | memoryview, pos: int, end: int,
         if wire != 2 or not 1 <= field <= 4 or field <= last_field:
             return None
         last_field = field
-        length, pos = _varint(buf, pos + 1, stop, avail)
+        length, pos = read_varint(buf, pos + 1, stop, avail)
         nxt = pos + length
         if nxt > stop:
             return None
@@ -197,7 +197,7 @@ def _tensor_header(buf: bytes | memoryview, pos: int, end: int,
         elif field == 2:
             p = pos
             while p < nxt:
-                dim, p = _varint(buf, p, nxt)
+                dim, p = read_varint(buf, p, nxt)
                 if dim >= 1 << 63:  # a negative int64: the full parser reports it
                     return None
                 shape.append(dim)
@@ -359,7 +359,7 @@ def parse_chunk(raw: bytes) -> pb.Chunk | memoryview:
     a read-only view of those bytes inside ``raw`` (no copy); any other message as ``pb.Chunk``."""
     if raw and raw[0] == _DATA_TAG:
         try:
-            length, pos = _varint(raw, 1, min(len(raw), 11))
+            length, pos = read_varint(raw, 1, min(len(raw), 11))
         except ValueError:
             length, pos = -1, 0
         if pos + length == len(raw):
