@@ -412,7 +412,7 @@ class CloudNode:
             if f.exception() is not None:
                 log.error("writing a checkpoint failed: %s", f.exception())
         snapshot = dict(self.params)  # arrays are replaced, never mutated, by finish_round
-        meta = {"version": self.version, "round": self.round_no, "arch": self.spec, "payload_blake3": self._payload_digest}
+        meta = {"version": self.version, "round": self.round_no, "arch": self.spec, "payload_xxh3_128": self._payload_digest}
         self._ckpt_futures.append(self._ckpt_pool.submit(self._write_checkpoint, self.out_dir / "checkpoints",
                                                          snapshot, meta))
 

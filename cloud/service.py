@@ -1,4 +1,4 @@
-"""The cloud's network driver: a gRPC Aggregator service (1 MiB chunk streams, BLAKE3 trailer,
+"""The cloud's network driver: a gRPC Aggregator service (1 MiB chunk streams, XXH3-128 trailer,
 standard health service) and the round loop that announces rounds over MQTT."""
 
 from __future__ import annotations

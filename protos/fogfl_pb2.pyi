@@ -142,10 +142,10 @@ class UpdateHeader(_message.Message):
     def __init__(self, fog_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., update_kind: _Optional[str] = ..., hparams: _Optional[_Union[LocalHParams, _Mapping]] = ..., total_bytes: _Optional[int] = ..., labels_total: _Optional[int] = ..., edge_bytes_up: _Optional[int] = ..., edge_bytes_down: _Optional[int] = ..., defense: _Optional[str] = ..., train_loss: _Optional[float] = ..., label_counts: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class Trailer(_message.Message):
-    __slots__ = ("blake3",)
-    BLAKE3_FIELD_NUMBER: _ClassVar[int]
-    blake3: str
-    def __init__(self, blake3: _Optional[str] = ...) -> None: ...
+    __slots__ = ("xxh3_128",)
+    XXH3_128_FIELD_NUMBER: _ClassVar[int]
+    xxh3_128: str
+    def __init__(self, xxh3_128: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("model_header", "update_header", "data", "trailer")

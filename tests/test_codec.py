@@ -154,7 +154,7 @@ def test_chunk_assemble_roundtrip_of_a_model_over_4mib():
     assert 0 < len(data[-1].data) <= CHUNK_SIZE
     # every message on the wire stays far below gRPC's default limit
     assert max(c.ByteSize() for c in chunks) < CHUNK_SIZE + 64 < GRPC_DEFAULT_LIMIT
-    assert chunks[-1].trailer.blake3 == payload_digest(payload)
+    assert chunks[-1].trailer.xxh3_128 == payload_digest(payload)
 
     header, got = assemble_chunks(chunks, "model_header")
     assert header.version == 3 and header.round == 2 and header.total_bytes == len(payload)
@@ -191,10 +191,10 @@ def test_digest_mismatch_raises_checksum_error():
     chunks[3] = pb.Chunk(data=b"X" + chunks[3].data[1:])  # same size, one byte changed
     with pytest.raises(ChecksumError) as e:
         assemble_chunks(chunks, "model_header")
-    assert "blake3" in _one_line(e)
+    assert "xxh3-128" in _one_line(e)
 
     chunks = _stream()
-    chunks[-1] = pb.Chunk(trailer=pb.Trailer(blake3="0" * 64))
+    chunks[-1] = pb.Chunk(trailer=pb.Trailer(xxh3_128="0" * 64))
     with pytest.raises(ChecksumError):
         assemble_chunks(chunks, "model_header")
 
@@ -244,7 +244,7 @@ class _Aggregator(pb_grpc.AggregatorServicer):
         if request.fog_id == "unchunked":
             yield header
             yield pb.Chunk(data=self.payload)
-            yield pb.Chunk(trailer=pb.Trailer(blake3=payload_digest(self.payload)))
+            yield pb.Chunk(trailer=pb.Trailer(xxh3_128=payload_digest(self.payload)))
             return
         yield from iter_chunks(header, self.payload)
 
@@ -302,8 +302,31 @@ def test_grpc_unchunked_payload_hits_the_default_limit(grpc_model):
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     up = pb.Chunk(update_header=pb.UpdateHeader(fog_id="fog-0", round=1, total_bytes=len(payload)))
-    one_piece = [up, pb.Chunk(data=payload), pb.Chunk(trailer=pb.Trailer(blake3=payload_digest(payload)))]
+    one_piece = [up, pb.Chunk(data=payload), pb.Chunk(trailer=pb.Trailer(xxh3_128=payload_digest(payload)))]
     with pytest.raises(grpc.RpcError) as e:
         stub.UploadUpdate(iter(one_piece), timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert servicer.received is None
+
+
+@pytest.mark.parametrize("dtype", ["<f2", "<f4", "<f8"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "2-d"])
+def test_all_finite_finds_nan_and_both_infinities_and_accepts_huge_finite_values(dtype, layout):
+    from protos.codec import all_finite
+
+    def shaped(a):
+        if layout == "strided":
+            return a[::3]
+        if layout == "2-d":
+            return a.reshape(50, -1)
+        return a
+
+    base = np.linspace(-1, 1, 3000).astype(dtype)
+    assert all_finite(shaped(base))
+    huge = np.full(3000, np.finfo(dtype).max, dtype=dtype)  # x . x and the sum both overflow
+    huge[::2] *= -1
+    assert all_finite(shaped(huge))
+    for poison in (np.nan, np.inf, -np.inf):
+        bad = base.copy()
+        bad[1500] = poison  # index 1500 survives [::3] and every reshape
+        assert not all_finite(shaped(bad)), (dtype, layout, poison)

@@ -1,7 +1,7 @@
 """Model download / update upload over the real gRPC service with the pass-through (de)serializers
 (protos.codec chunk_frames / parse_chunk, cloud.service, fog.service.CloudClient): the bytes on the
 wire are the generated stubs' ``Chunk`` messages, so either side may be the generated one; the
-receiver still checks size and the BLAKE3 digest; the zero-copy decode gives the same tensors as the copying
+receiver still checks size and the XXH3-128 digest; the zero-copy decode gives the same tensors as the copying
 one."""
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_corrupted_upload_is_rejected_and_not_aggregated(node, fast_server):
         ack = raw_upload(iter(frames), timeout=30)
     finally:
         channel.close()
-    assert not ack.accepted and "blake3" in ack.reason
+    assert not ack.accepted and "xxh3-128" in ack.reason
     assert node.current is not None and not node.current.received  # nothing reached the node
     node.finish_round()
 
@@ -152,7 +152,7 @@ def test_corrupted_download_raises_checksum_error(node):
     server, port, _ = start_grpc_server(_CorruptingServicer(node), "127.0.0.1", 0)
     client = CloudClient(f"127.0.0.1:{port}")
     try:
-        with pytest.raises(ChecksumError, match="blake3"):
+        with pytest.raises(ChecksumError, match="xxh3-128"):
             client.download("fog-0", node.round_no)
     finally:
         client.close()
@@ -190,10 +190,10 @@ def test_frames_are_the_serialized_messages_of_iter_chunks():
 
 
 @pytest.mark.parametrize("raw", [
-    encode_data_chunk(b"abc") + pb.Chunk(trailer=pb.Trailer(blake3="x")).SerializeToString(),  # oneof: last wins
+    encode_data_chunk(b"abc") + pb.Chunk(trailer=pb.Trailer(xxh3_128="x")).SerializeToString(),  # oneof: last wins
     encode_data_chunk(b"abc") + encode_data_chunk(b"de"),  # repeated field: last wins
     b"\x1a\x85\x00abcde",  # over-long varint for the length (still valid protobuf)
-    pb.Chunk(trailer=pb.Trailer(blake3="f" * 64)).SerializeToString(),
+    pb.Chunk(trailer=pb.Trailer(xxh3_128="f" * 64)).SerializeToString(),
 ])
 def test_parse_chunk_agrees_with_the_generated_parser(raw):
     expected = pb.Chunk.FromString(raw)
@@ -225,7 +225,20 @@ def test_corrupted_view_chunk_raises_checksum_error(size):
     flipped = bytearray(items[2])
     flipped[0] ^= 0x40
     items[2] = memoryview(bytes(flipped))
-    with pytest.raises(ChecksumError, match="blake3"):
+    with pytest.raises(ChecksumError, match="xxh3-128"):
+        assemble_chunks(items, "model_header")
+
+
+def test_a_trailer_from_fogfl_0_1_is_refused_with_a_clear_reason():
+    """fogfl 0.1 sent a BLAKE3 digest in the trailer's field 1 (now reserved). A new receiver
+    reads no XXH3-128 digest from it and says what it is likely looking at."""
+    payload = b"p" * 5000
+    items = _fast_stream(payload)
+    old_digest = "ab" * 32
+    trailer_field_1 = b"\x0a" + bytes([len(old_digest)]) + old_digest.encode()
+    items[-1] = parse_chunk(b"\x22" + bytes([len(trailer_field_1)]) + trailer_field_1)  # Chunk.trailer = 4
+    assert items[-1].WhichOneof("part") == "trailer" and items[-1].trailer.xxh3_128 == ""
+    with pytest.raises(ChecksumError, match=r"xxh3-128 digest mismatch.*fogfl 0\.1"):
         assemble_chunks(items, "model_header")
 
 

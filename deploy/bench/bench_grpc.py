@@ -1,5 +1,5 @@
 """Model download and update upload over the project's gRPC service (CloudNode + Aggregator
-servicer + the fog's CloudClient: chunking, BLAKE3 digests, assembly, decoding, checks, admission
+servicer + the fog's CloudClient: chunking, XXH3-128 digests, assembly, decoding, checks, admission
 into the aggregation) vs a bare gRPC stream of 1 MiB byte chunks on loopback. Target: >= 80 % of
 the bare throughput for a 50 MB model, both directions.
 
