@@ -28,6 +28,8 @@ class PooledBatch:
 class SamplePool:
     def __init__(self, state_dir: Path | str | None = None) -> None:
         self.dir = Path(state_dir) / "pool" if state_dir else None
+        # an earlier run of this fog left its pool here: this one resumes it
+        self.resumed = self.dir is not None and self.dir.is_dir()
         self._batches: list[PooledBatch] = []
         self._seen: set[tuple[str, int]] = set()
         self._lock = threading.Lock()

@@ -76,7 +76,9 @@ class FogService:
         self.topics = Topics(cfg.run_id)
         self.cloud = CloudClient(cloud_address)
         self.announcements: queue.Queue[Announcement] = queue.Queue()
-        self.link = MqttLink(cfg.mqtt, f"{cfg.run_id}-{node.fog_id}", self.topics.status(node.fog_id))
+        # a kept session: edges' batches published while this fog is away wait at the broker
+        self.link = MqttLink(cfg.mqtt, f"{cfg.run_id}-{node.fog_id}", self.topics.status(node.fog_id),
+                             persistent=True)
         self.link.subscribe(self.topics.rounds, self._on_round)
         self.link.subscribe(self.topics.samples(node.fog_id), self._on_samples)
 
@@ -90,7 +92,9 @@ class FogService:
 
     def run(self) -> None:
         self.cloud.wait_ready(timeout=60)
-        self.link.connect()
+        # a fog that resumes its pool picks up what the broker kept for it; a fresh one must not
+        # take an earlier run's batches for its own
+        self.link.connect(fresh_session=not self.node.pool.resumed)
         log.info("%s online (cloud %s, %d edges)", self.node.fog_id, self.cloud.address, len(self.node.edges))
         while not self.stop.is_set() and not self.node.finished:
             try:

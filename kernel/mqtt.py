@@ -10,6 +10,13 @@
   milliseconds. (Configure the broker the same way: Mosquitto's ``set_tcp_nodelay true``.)
 - ``on_published(mid)``, if set, is called on the network thread when the broker acknowledged a
   QoS 1 publish (PUBACK), so a sender can react at once instead of polling.
+- ``persistent=True``: a session the broker keeps across disconnects (MQTT 3.1.1
+  ``clean_session=0``), so QoS 1 messages published while the node is away (a crash, a restart, a
+  network outage) are queued by the broker and delivered when it is back. A sender gets its PUBACK
+  from the broker, not from the receiver, and drops its copy then: without a kept session a
+  message published while its receiver is away is lost. ``connect(fresh_session=True)`` first
+  discards a session a previous run left under the same client id, so its messages are not taken
+  for this run's.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ Handler = Callable[[str, bytes], None]
 
 
 class MqttLink:
-    def __init__(self, cfg: MqttConfig, client_id: str, status_topic: str | None = None) -> None:
+    def __init__(self, cfg: MqttConfig, client_id: str, status_topic: str | None = None,
+                 persistent: bool = False) -> None:
         self.cfg = cfg
         self.client_id = client_id
+        self.persistent = persistent
         self.status_topic = status_topic
         self._handlers: list[tuple[str, Handler]] = []
         self._connected = threading.Event()
@@ -42,7 +51,7 @@ class MqttLink:
         self.bytes_out = 0
         self.on_published: Callable[[int], None] | None = None
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                        clean_session=True)
+                        clean_session=not persistent)
         if status_topic:
             c.will_set(status_topic, b"offline", qos=1, retain=True)
         c.on_connect = self._on_connect
@@ -69,18 +78,47 @@ class MqttLink:
         if self._connected.is_set():
             self.client.subscribe(topic, qos=qos)
 
-    def connect(self, timeout: float = 10.0) -> MqttLink:
+    def connect(self, timeout: float = 10.0, fresh_session: bool = False) -> MqttLink:
+        """Connect and start the network thread. ``fresh_session`` (persistent links): discard what
+        the broker kept for this client id from an earlier connection before this one starts."""
+        if self.persistent and fresh_session:
+            self._discard_session(timeout)
         try:
             self.client.connect(self.host, self.cfg.port, keepalive=self.cfg.keepalive)
         except (OSError, ValueError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
-            raise ConnectError(f"cannot reach MQTT broker at {self.host}:{self.cfg.port}: {reason}") from None
+            raise self._unreachable(exc) from None
         self.client.loop_start()
         if not self._connected.wait(timeout):
             self.client.loop_stop()
-            raise ConnectError(f"MQTT broker at {self.host}:{self.cfg.port} did not accept the connection "
-                               f"within {timeout:.0f}s")
+            raise self._not_accepted(timeout)
         return self
+
+    def _unreachable(self, exc: Exception) -> ConnectError:
+        reason = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+        return ConnectError(f"cannot reach MQTT broker at {self.host}:{self.cfg.port}: {reason}")
+
+    def _not_accepted(self, timeout: float) -> ConnectError:
+        return ConnectError(f"MQTT broker at {self.host}:{self.cfg.port} did not accept the connection "
+                            f"within {timeout:.0f}s")
+
+    def _discard_session(self, timeout: float) -> None:
+        """A clean-session connection under this client id makes the broker drop the kept session
+        (its subscriptions and queued messages); then it disconnects."""
+        done = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311,
+                        clean_session=True)
+        c.on_connect = lambda *_: done.set()
+        try:
+            c.connect(self.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        except (OSError, ValueError) as exc:
+            raise self._unreachable(exc) from None
+        c.loop_start()
+        try:
+            if not done.wait(timeout):
+                raise self._not_accepted(timeout)
+        finally:
+            c.disconnect()
+            c.loop_stop()
 
     def publish(self, msg: Publish, wait: bool = True, timeout: float = 30.0) -> None:
         info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)

@@ -1,8 +1,11 @@
 """kernel.mqtt.MqttLink against a real broker: Nagle off on its socket (a round's small messages
-must not wait for the peer's delayed ACKs) and a PUBACK hook that fires with the publish's mid."""
+must not wait for the peer's delayed ACKs), a PUBACK hook that fires with the publish's mid, and
+kept sessions: QoS 1 messages published while a persistent receiver is away reach it when it is
+back (Mosquitto), unless it starts a fresh session."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 
@@ -12,6 +15,7 @@ from deploy.broker import EmbeddedBroker
 from kernel.config import MqttConfig
 from kernel.mqtt import MqttLink
 from protos.envelope import Publish
+from tests.helpers import Mosquitto
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +54,63 @@ def test_on_published_fires_with_the_mid_of_each_acknowledged_publish(broker):
         assert link.errors == errors + 1
     finally:
         link.close()
+
+
+@pytest.fixture
+def mosquitto_port(tmp_path):
+    """Kept sessions are Mosquitto's (the deployment broker). The embedded amqtt broker (for the
+    demo without Mosquitto) accepts them but did not deliver queued messages to a returning
+    session when we tried (amqtt 0.11), so nothing here relies on it."""
+    m = Mosquitto(tmp_path)
+    yield m.port
+    m.stop()
+
+
+def _receiver(cfg: MqttConfig, got: queue.Queue, persistent: bool, fresh: bool, name: str) -> MqttLink:
+    link = MqttLink(cfg, name, persistent=persistent)
+    link.subscribe("fogfl/keep-test/samples", lambda topic, payload: got.put(payload))
+    return link.connect(fresh_session=fresh)
+
+
+def _drain(got: queue.Queue, wait: float) -> list[bytes]:
+    """What arrives within ``wait`` s, and anything right behind it."""
+    out = []
+    try:
+        out.append(got.get(timeout=wait))
+        while True:
+            out.append(got.get(timeout=0.3))
+    except queue.Empty:
+        return out
+
+
+def test_a_kept_session_receives_what_was_published_while_it_was_away(mosquitto_port):
+    cfg = MqttConfig(host="127.0.0.1", port=mosquitto_port)
+    sender = MqttLink(cfg, "keep-test-edge").connect()
+    got: queue.Queue = queue.Queue()
+    try:
+        for persistent in (True, False):
+            name = f"keep-test-fog-{persistent}"
+            _receiver(cfg, got, persistent, fresh=True, name=name).close()  # subscribed, then away
+            sender.publish(Publish("fogfl/keep-test/samples", b"while-away", qos=1))  # the broker acked it
+            back = _receiver(cfg, got, persistent, fresh=False, name=name)
+            try:
+                seen = _drain(got, 5.0 if persistent else 1.5)
+            finally:
+                back.close()
+            if persistent:
+                assert seen == [b"while-away"]
+            else:  # a clean session: the broker kept nothing, the message is gone
+                assert seen == []
+
+        # a fresh start discards what an earlier run left queued, and then receives normally
+        _receiver(cfg, got, True, fresh=True, name="keep-test-fog-run").close()
+        sender.publish(Publish("fogfl/keep-test/samples", b"earlier-run", qos=1))
+        fresh = _receiver(cfg, got, True, fresh=True, name="keep-test-fog-run")
+        try:
+            assert _drain(got, 1.5) == []
+            sender.publish(Publish("fogfl/keep-test/samples", b"this-run", qos=1))
+            assert _drain(got, 5.0) == [b"this-run"]
+        finally:
+            fresh.close()
+    finally:
+        sender.close()

@@ -99,9 +99,10 @@ def test_fog_rejects_bad_sample_batches_and_keeps_its_pool(cfg, tmp_path):
     assert fog.rejected - rejected_before == len(bad)  # every bad one counted
     assert len(fog.pool) == 3
     assert fog.on_samples(batch(edge="fog-0.edge-1", seq=1))
-    # accepted samples survive a restart of the fog
+    # accepted samples survive a restart of the fog, which then resumes its broker session too
+    assert not fog.pool.resumed  # the first start: a fresh session (an earlier run's batches dropped)
     again = FogNode(cfg, "fog-0", state_dir=tmp_path)
-    assert len(again.pool) == 6
+    assert again.pool.resumed and len(again.pool) == 6
     xs, ys = again.pool.arrays()
     assert sorted(ys.tolist()) == [1, 1, 2, 2, 3, 3]
 
