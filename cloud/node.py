@@ -20,9 +20,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,14 @@ from kernel.data import Dataset, Splits, load_dataset, make_splits
 from kernel.models import arch_spec, build_model, export_onnx, get_params, set_params
 from kernel.onnx_splice import exporter_for
 from protos import fogfl_pb2 as pb
-from protos.codec import all_finite, decode_tensors, encode_tensors, payload_digest
+from protos.codec import (
+    ChunkedPayload,
+    TensorShape,
+    all_finite,
+    decode_tensors,
+    encode_tensors,
+    payload_digest,
+)
 from protos.control import Announcement, RoundMetrics, TrainConfig
 from protos.errors import WireError
 
@@ -253,8 +260,11 @@ class CloudNode:
             admitted: Admitted | None = None
             if reason is None:
                 try:
-                    # read-only views, unaligned allowed: only checked and folded, never copied
-                    update = decode_tensors(payload, copy=False, aligned=False)
+                    # kept chunks already checked for NaN/inf: names, shapes and dtypes are all the
+                    # checks need, and the fold worker reads the values after the ack
+                    shapes = payload.shapes() if isinstance(payload, ChunkedPayload) and nonfinite is not None else None
+                    # else read-only views, unaligned allowed: only checked and folded, never copied
+                    update = shapes if shapes is not None else decode_tensors(payload, copy=False, aligned=False)
                     self._check_shapes(update, nonfinite)
                     if header.fog_id not in rnd.transformed:  # type: ignore[union-attr]
                         meta = {"masked": _masked(header), "label_counts": dict(header.label_counts)}
@@ -275,9 +285,11 @@ class CloudNode:
             self.labels[header.fog_id] = int(header.labels_total)
             transformed = header.fog_id in rnd.transformed
             if admitted is not None:
-                self._fold_later(rnd, admitted, slot)
+                self._fold_later(rnd, admitted, slot, payload if shapes is not None else None)
                 rnd.aggregated += 1
             served = rnd.served.get(header.fog_id, self._payload)
+            if self.observers and isinstance(payload, ChunkedPayload):
+                payload = payload.contiguous()  # observers get the bytes in one piece
             obs = UpdateObservation(header.fog_id, header.round, self.version, self.arch_json, served, header,
                                     payload, transformed)
             self._arrived.notify_all()
@@ -288,12 +300,21 @@ class CloudNode:
                 log.exception("update observer failed; the round goes on")
         return pb.UploadAck(accepted=True, round=header.round)
 
-    def _fold_later(self, rnd: _Round, admitted: Admitted, slot: _Slot) -> None:
+    def _fold_later(self, rnd: _Round, admitted: Admitted, slot: _Slot,
+                    payload: ChunkedPayload | None = None) -> None:
         """Queue an admitted update for the fold worker (under the node's lock) on the caller's
-        fold slot, which the fold releases when it ends."""
+        fold slot, which the fold releases when it ends. ``payload``: the update was admitted on
+        its shapes alone; the fold worker decodes its values from these kept chunks first."""
         if self._fold_pool is None:
             self._fold_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fold")
-        fut = self._fold_pool.submit(self.strategy.fold, admitted)
+
+        def fold() -> None:
+            if payload is None:
+                self.strategy.fold(admitted)
+            else:
+                self.strategy.fold(replace(admitted, update=decode_tensors(payload, copy=False, aligned=False)))
+
+        fut = self._fold_pool.submit(fold)
         slot.handed_over = True
         fut.add_done_callback(lambda _f: self._fold_slots.release())
         rnd.folds.append(fut)
@@ -337,7 +358,9 @@ class CloudNode:
             return f"update announces {h.total_bytes} bytes, an update of this model is {len(self._payload)}"
         return None
 
-    def _check_shapes(self, update: dict[str, np.ndarray], nonfinite: frozenset[str] | None = None) -> None:
+    def _check_shapes(self, update: Mapping[str, np.ndarray | TensorShape],
+                      nonfinite: frozenset[str] | None = None) -> None:
+        """Names, shapes, dtype; finiteness from ``nonfinite`` if known, else read from the values."""
         if list(update) != list(self.params):
             raise WireError("update tensor names differ from the model's")
         for k, v in update.items():

@@ -64,7 +64,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
         try:
-            got = receive_stream(request_iterator, "update_header", screen=self.node.screen_update)
+            # the chunks are kept where gRPC put them: checked as they arrive, read by the fold worker
+            got = receive_stream(request_iterator, "update_header", screen=self.node.screen_update, chunked=True)
         except WireError as exc:
             self.rejected += 1
             log.warning("rejected a malformed upload from %s: %s", context.peer(), exc)

@@ -23,7 +23,7 @@ from kernel.errors import ModelError
 from kernel.onnx_splice import exporter_for
 from protos import fogfl_pb2 as pb
 from protos.capture import write_truth
-from protos.codec import decode_tensors, encode_tensors, sha256_hex, tensor_from_pb
+from protos.codec import ChunkedPayload, decode_tensors, encode_tensors, sha256_hex, tensor_from_pb
 from protos.control import Announcement, TrainConfig
 from protos.envelope import Publish
 from protos.errors import WireError
@@ -83,7 +83,7 @@ class FogNode:
             self._acquired.set()
         return ann
 
-    def on_model(self, header: pb.ModelHeader, payload: bytes) -> list[Publish]:
+    def on_model(self, header: pb.ModelHeader, payload: bytes | memoryview | ChunkedPayload) -> list[Publish]:
         """Take the global model served by the cloud; pass it to the edges as ONNX."""
         try:
             spec = json.loads(header.arch_json)

@@ -51,7 +51,12 @@ class CloudClient:
         except grpc.FutureTimeoutError:
             raise ConnectError(f"cloud at {self.address} did not answer within {timeout:.0f}s") from None
 
-    def download(self, fog_id: str, round_: int) -> tuple[pb.ModelHeader, bytes]:
+    def download(self, fog_id: str, round_: int) -> tuple[pb.ModelHeader, memoryview]:
+        """The model, verified, copied into one reused buffer as it arrives. (Keeping the chunks
+        where they arrived, as the cloud does with uploads, was slower here: held until the fog
+        decodes them, gRPC's message buffers cannot be reused, and a 51 MB download took ~12 000
+        more page faults than the copy into a reused buffer: 0.67-0.72x of a bare stream against
+        0.76-0.86x.)"""
         chunks = self._download(pb.ModelRequest(fog_id=fog_id, round=round_), timeout=self.timeout)
         header, payload = assemble_chunks(chunks, "model_header")
         self.bytes_down += len(payload)

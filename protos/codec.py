@@ -27,6 +27,7 @@ copy of a 50 MB model on the critical path; these paths make none beyond the one
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import sys
@@ -94,7 +95,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
     return ts.SerializeToString()
 
 
-def decode_tensors(payload: bytes | memoryview, *, copy: bool = True,
+def decode_tensors(payload: bytes | memoryview | ChunkedPayload, *, copy: bool = True,
                    aligned: bool = True) -> dict[str, np.ndarray]:
     """Inverse of :func:`encode_tensors`. Raises WireError on anything malformed.
 
@@ -108,6 +109,8 @@ def decode_tensors(payload: bytes | memoryview, *, copy: bool = True,
     views correctly and, on x86-64 and aarch64, as fast (measured: sum and copy of 12.7 M float32
     within 10 %), so a reader that only reduces and adds, like the cloud's aggregation, skips it.
     """
+    if isinstance(payload, ChunkedPayload):
+        return payload.tensors(copy=copy, aligned=aligned)
     spans = _scan_tensor_set(payload)
     if spans is None:
         return _parse_tensors(payload if isinstance(payload, bytes) else bytes(payload), copy)
@@ -242,32 +245,129 @@ def all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(np.minimum.reduce(values, axis=None)) and np.isfinite(np.maximum.reduce(values, axis=None)))
 
 
+class _Pieces:
+    """A payload as the byte pieces it is made of, read where they lie: one buffer being filled
+    (a single piece), or the chunks of a stream as they arrived (each a view of a gRPC message)."""
+
+    def __init__(self) -> None:
+        self.views: list[memoryview] = []
+        self.starts: list[int] = []
+        self.size = 0
+
+    def append(self, view: memoryview) -> None:
+        if not len(view):
+            return  # starts stay strictly increasing
+        self.starts.append(self.size)
+        self.views.append(view)
+        self.size += len(view)
+
+    def _index(self, pos: int) -> int:
+        return bisect.bisect_right(self.starts, pos) - 1
+
+    def window(self, pos: int, stop: int) -> bytes | memoryview:
+        """Bytes ``[pos, stop)``: a view when one piece holds them, else a (small) join."""
+        i = self._index(pos)
+        v, s = self.views[i], self.starts[i]
+        if stop <= s + len(v):
+            return v[pos - s : stop - s]
+        parts = []
+        while pos < stop:
+            v, s = self.views[i], self.starts[i]
+            part = v[pos - s : min(stop, s + len(v)) - s]
+            parts.append(part)
+            pos += len(part)
+            i += 1
+        return b"".join(parts)
+
+    def spans(self, start: int, stop: int) -> Iterator[tuple[memoryview, int, int]]:
+        """(piece, offset in it, length) covering ``[start, stop)`` in order."""
+        i = self._index(start) if stop > start else len(self.views)
+        while start < stop:
+            v, s = self.views[i], self.starts[i]
+            n = min(stop, s + len(v)) - start
+            if n > 0:
+                yield v, start - s, n
+                start += n
+            i += 1
+
+    def gather(self, start: int, stop: int) -> np.ndarray:
+        """A new uint8 array holding bytes ``[start, stop)``."""
+        out = np.empty(stop - start, dtype=np.uint8)
+        at = 0
+        for v, off, n in self.spans(start, stop):
+            out[at : at + n] = np.frombuffer(v, dtype=np.uint8, count=n, offset=off)
+            at += n
+        return out
+
+
+_HEADER_WINDOWS = (256, 4096, 65536)  # a Tensor header longer than 64 KiB is not followed
+
+
 class _FiniteScan:
-    """Follows a TensorSet's canonical encoding while its bytes arrive in a buffer and checks each
-    float tensor for NaN and infinity on the part just written (still in cache). :attr:`nonfinite`
-    is the set of tensor names holding any, or None if the payload was not followed to its end
+    """Follows a TensorSet's canonical encoding while its bytes arrive and checks each float
+    tensor for NaN and infinity on the part that just arrived (still in cache), where it lies: in
+    one buffer or across a stream's chunks (an element split between two chunks is checked from a
+    4- or 8-byte join). Records where every tensor is (:attr:`layout`). :attr:`nonfinite` is the set
+    of tensor names holding NaN or infinity, or None if the payload was not followed to its end
     (not canonical, or not complete): a reader must then check for itself."""
 
-    def __init__(self, buf: memoryview, arr: np.ndarray) -> None:
-        self._buf, self._arr = buf, arr
-        self._end = len(buf)
+    def __init__(self, pieces: _Pieces, total: int) -> None:
+        self._pieces = pieces
+        self._end = total
         self._pos = 0  # start of the next Tensor message
         self._cur: tuple[str, np.dtype, int, int] | None = None  # name, dtype, next unchecked byte, data end
         self._bad: set[str] = set()
         self._failed = False
+        self.layout: list[tuple[str, list[int], str, int, int]] = []
+
+    def _header(self, avail: int) -> tuple[str, list[int], str, int, int, int] | None:
+        for size in _HEADER_WINDOWS:
+            stop = min(avail, self._pos + size)
+            window = self._pieces.window(self._pos, stop)
+            try:
+                found = _tensor_header(window, 0, self._end - self._pos, len(window))
+            except _Short:
+                if stop == avail:
+                    raise
+                continue
+            if found is None:
+                return None
+            name, shape, dtype_name, data_at, data_len, nxt = found
+            return name, shape, dtype_name, data_at + self._pos, data_len, nxt + self._pos
+        return None
+
+    def _check(self, name: str, dtype: np.dtype, start: int, stop: int) -> None:
+        """Check the elements in ``[start, stop)`` (both on element boundaries)."""
+        item = dtype.itemsize
+        pieces = self._pieces
+        pos = start
+        while pos < stop:
+            i = pieces._index(pos)
+            v, s = pieces.views[i], pieces.starts[i]
+            piece_end = s + len(v)
+            whole = (min(stop, piece_end) - pos) // item
+            if whole:
+                if not all_finite(np.frombuffer(v, dtype=dtype, count=whole, offset=pos - s)):
+                    self._bad.add(name)
+                pos += whole * item
+            if pos < stop and pos + item > piece_end:  # one element split between pieces
+                if not all_finite(np.frombuffer(pieces.window(pos, pos + item), dtype=dtype)):
+                    self._bad.add(name)
+                pos += item
 
     def advance(self, avail: int) -> None:
-        """Bytes ``[0, avail)`` of the payload are in the buffer."""
+        """Bytes ``[0, avail)`` of the payload are at hand."""
         try:
             while not self._failed:
                 if self._cur is None:
                     if self._pos >= self._end:
                         return
-                    found = _tensor_header(self._buf, self._pos, self._end, avail)  # _Short: wait
+                    found = self._header(avail)  # _Short: wait for more
                     if found is None:
                         self._failed = True
                         return
-                    name, _, dtype_name, data_at, data_len, self._pos = found
+                    name, shape, dtype_name, data_at, data_len, self._pos = found
+                    self.layout.append((name, shape, dtype_name, data_at, data_len))
                     if dtype_name in _FLOAT_DTYPES:
                         dtype = np.dtype(dtype_name).newbyteorder("<")
                         if data_len % dtype.itemsize:
@@ -279,9 +379,7 @@ class _FiniteScan:
                 upto = min(avail, data_end)
                 upto -= (upto - checked) % dtype.itemsize
                 if upto > checked:
-                    n = (upto - checked) // dtype.itemsize
-                    if not all_finite(np.frombuffer(self._arr, dtype=dtype, count=n, offset=checked)):
-                        self._bad.add(name)
+                    self._check(name, dtype, checked, upto)
                 if upto < data_end:
                     self._cur = (name, dtype, upto, data_end)
                     return
@@ -292,9 +390,12 @@ class _FiniteScan:
             self._failed = True
 
     @property
+    def complete(self) -> bool:
+        return not self._failed and self._cur is None and self._pos == self._end
+
+    @property
     def nonfinite(self) -> frozenset[str] | None:
-        done = not self._failed and self._cur is None and self._pos == self._end
-        return frozenset(self._bad) if done else None
+        return frozenset(self._bad) if self.complete else None
 
 
 # --------------------------------------------------------------------------- chunk streams
@@ -419,38 +520,138 @@ class _BufferPool:
 _POOL = _BufferPool()
 
 
+class ChunkedPayload:
+    """A received payload kept as the chunks it arrived in: views of gRPC's message buffers, no
+    copy made. Verified like any received payload (size, digest, finiteness while it arrived).
+
+    :func:`decode_tensors` reads it directly: a tensor inside one chunk is a view of it (or its
+    copy), a tensor spread over chunks is gathered into its own new array, which is the one copy a
+    caller that asks for owned arrays (``copy=True``) gets anyway. :meth:`shapes` answers names,
+    shapes and dtypes without reading any values. :meth:`contiguous` joins the chunks into one
+    buffer (once, on demand) for a reader that needs the bytes in one piece."""
+
+    def __init__(self, pieces: _Pieces, layout: list[tuple[str, list[int], str, int, int]] | None) -> None:
+        self._pieces = pieces
+        self.layout = layout  # (name, shape, dtype, data offset, data length); None if not canonical
+        self._joined: memoryview | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._pieces.size
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.contiguous())
+
+    @property
+    def chunks(self) -> int:
+        return len(self._pieces.views)
+
+    def contiguous(self) -> memoryview:
+        """The payload in one read-only buffer (joined on the first call, then kept)."""
+        with self._lock:
+            if self._joined is None:
+                arr = _POOL.take(len(self))
+                at = 0
+                for v in self._pieces.views:
+                    arr[at : at + len(v)] = np.frombuffer(v, dtype=np.uint8)
+                    at += len(v)
+                self._joined = memoryview(arr).cast("B").toreadonly()
+            return self._joined
+
+    def shapes(self) -> dict[str, TensorShape] | None:
+        """Name -> (shape, dtype) of every tensor, without reading values; None if the payload is
+        not canonically encoded (decode it to learn more)."""
+        if self.layout is None:
+            return None
+        out: dict[str, TensorShape] = {}
+        for name, shape, dtype_name, _, nbytes in self.layout:
+            if name in out:
+                raise WireError(f"tensor {name!r} appears twice in the payload")
+            if dtype_name not in _ALLOWED_DTYPES:
+                raise WireError(f"tensor {name!r}: unknown dtype {dtype_name!r}")
+            dims = tuple(int(d) for d in shape)
+            dtype = np.dtype(dtype_name).newbyteorder("<")
+            if math.prod(dims) * dtype.itemsize != nbytes:
+                raise WireError(f"tensor {name!r}: shape {dims} {dtype_name} needs "
+                                f"{math.prod(dims) * dtype.itemsize} bytes, got {nbytes}")
+            out[name] = TensorShape(dims, dtype.newbyteorder("="))
+        return out
+
+    def tensors(self, copy: bool = True, aligned: bool = True) -> dict[str, np.ndarray]:
+        if self.layout is None:
+            return decode_tensors(self.contiguous(), copy=copy, aligned=aligned)
+        out: dict[str, np.ndarray] = {}
+        for name, shape, dtype_name, offset, nbytes in self.layout:
+            if name in out:
+                raise WireError(f"tensor {name!r} appears twice in the payload")
+            spans = list(self._pieces.spans(offset, offset + nbytes))
+            if len(spans) == 1:
+                view, at, _ = spans[0]
+                out[name] = _array(name, shape, dtype_name, view, at, nbytes, copy=copy, aligned=aligned)
+            else:  # spread over chunks (or empty): gathered into a new array, owned by the caller
+                out[name] = _array(name, shape, dtype_name, self._pieces.gather(offset, offset + nbytes), 0, nbytes,
+                                   copy=False, aligned=aligned)
+        return out
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """What a tensor is, without its values: enough for name, shape and dtype checks."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
 class _PayloadBuffer:
-    """Where a received payload is assembled: one buffer of the announced size, taken up front
-    (from :class:`_BufferPool`); each chunk is copied into place, hashed and, where it holds float tensor values,
-    checked for NaN and infinity (:class:`_FiniteScan`) as it arrives, while it is still in cache.
-    Nothing is left for after the trailer but comparing digests.
+    """Where a received payload lands. Each chunk is hashed and, where it holds float tensor
+    values, checked for NaN and infinity (:class:`_FiniteScan`) as it arrives, while it is still in
+    cache; nothing is left for after the trailer but comparing digests. Either the chunks are kept
+    where gRPC put them (``chunked``: :class:`ChunkedPayload`, no copy at all) or each is copied
+    into one buffer of the announced size taken up front from :class:`_BufferPool`.
 
-    All of it runs on the receiving thread. A helper thread for the copy and the hash (both
-    release the GIL) was tried: on the 2-core machine, with both ends of a 51 MB transfer busy, it
-    cost ~4.5 ms more CPU per transfer (27 vs 22.6 ms) for no measurable wall-clock gain. A join
-    of the chunks after the trailer (the first design) was a serial copy into freshly mapped
-    memory, ~35 ms of a ~45 ms bare transfer."""
+    The copy is the largest part of what a receiver does beyond a bare stream (~4.5 ms per 51 MB,
+    ~8.7 ms in a profile of the receiving thread, whose source bytes are cold). Measured on the
+    51 MB transfer benchmark, interleaved: the cloud keeping an upload's chunks (its fold worker
+    reads them after the ack) 0.80-0.87x of a bare stream, copying 0.72-0.77x. A fog keeping a
+    download's chunks was slower than copying (0.67-0.72x against 0.76-0.86x): held until decoded,
+    gRPC's message buffers are not reused, and each 51 MB download took ~12 000 more page faults.
+    A helper thread for the copy and the hash was tried earlier: on 2 cores it cost ~4.5 ms more
+    CPU per transfer for no wall-clock gain."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, chunked: bool = False) -> None:
         self.total = total
-        self.size = 0
-        self._arr = _POOL.take(total)
-        self._buf = memoryview(self._arr).cast("B")
+        self.chunked = chunked
+        self._pieces = _Pieces()
+        if not chunked:
+            self._arr = _POOL.take(total)
+            self._buf = memoryview(self._arr).cast("B")
+            self._pieces.append(self._buf)
         self._hash = xxhash.xxh3_128()
-        self._scan = _FiniteScan(self._buf, self._arr)
+        self._scan = _FiniteScan(self._pieces, total)
+        self.size = 0
 
     def write(self, data: bytes | memoryview) -> None:
         offset, self.size = self.size, self.size + len(data)
-        piece = self._arr[offset : self.size]
-        np.copyto(piece, np.frombuffer(data, dtype=np.uint8))
-        self._hash.update(piece)
+        if self.chunked:
+            view = data if isinstance(data, memoryview) else memoryview(data)
+            self._pieces.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+            self._hash.update(view)
+        else:
+            piece = self._arr[offset : self.size]
+            np.copyto(piece, np.frombuffer(data, dtype=np.uint8))
+            self._hash.update(piece)
         self._scan.advance(self.size)
 
-    def finish(self) -> tuple[str, memoryview, frozenset[str] | None]:
-        """(hex digest, the payload as a read-only ``memoryview``, the names of float tensors
-        holding NaN/inf or None) once every chunk is in."""
+    def finish(self) -> tuple[str, memoryview | ChunkedPayload, frozenset[str] | None]:
+        """(hex digest, the payload, the names of float tensors holding NaN/inf or None) once every
+        chunk is in. The payload is a read-only ``memoryview``, or a :class:`ChunkedPayload`."""
         assert self.size == self.total, "payload buffer read before it was complete"
-        return self._hash.hexdigest(), self._buf.toreadonly(), self._scan.nonfinite
+        if self.chunked:
+            payload: memoryview | ChunkedPayload = ChunkedPayload(
+                self._pieces, self._scan.layout if self._scan.complete else None)
+        else:
+            payload = self._buf.toreadonly()
+        return self._hash.hexdigest(), payload, self._scan.nonfinite
 
 
 @dataclass(frozen=True)
@@ -458,21 +659,24 @@ class Received:
     """A chunk stream, received and verified."""
 
     header: Any  # pb.ModelHeader or pb.UpdateHeader
-    payload: memoryview  # read-only, bytes-like: len, slicing, hashing, decode_tensors, bytes(...)
+    # read-only, bytes-like (len, slicing, hashing, decode_tensors, bytes(...)); a ChunkedPayload
+    # when received with ``chunked=True`` (len, decode_tensors, bytes(...), .contiguous())
+    payload: memoryview | ChunkedPayload
     # names of the float tensors holding NaN or infinity, found while the bytes arrived; None when
     # the payload is not a canonically encoded TensorSet (a reader must check for itself)
     nonfinite: frozenset[str] | None
 
 
 def receive_stream(chunks: Iterable[pb.Chunk | memoryview], header_field: str,
-                   screen: Callable[[Any], str | None] | None = None) -> Received:
+                   screen: Callable[[Any], str | None] | None = None, chunked: bool = False) -> Received:
     """Read a chunk stream back into its header and payload, checking order, size and the digest.
 
     ``header_field`` is ``"model_header"`` or ``"update_header"``. Data chunks may be ``pb.Chunk``
     messages or the views :func:`parse_chunk` returns. ``screen(header)``, if given, runs before
     anything is allocated or read past the header; a reason it returns refuses the stream
     (WireError), so a receiver that knows what it expects never reads, or reserves memory for,
-    a payload it would reject anyway.
+    a payload it would reject anyway. ``chunked``: keep the chunks where they arrived instead of
+    copying them into one buffer (the payload is then a :class:`ChunkedPayload`).
     """
     it = iter(chunks)
     try:
@@ -488,7 +692,7 @@ def receive_stream(chunks: Iterable[pb.Chunk | memoryview], header_field: str,
         raise WireError(f"header announces {total} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit")
     if screen is not None and (reason := screen(header)):
         raise WireError(reason)
-    buf = _PayloadBuffer(total)
+    buf = _PayloadBuffer(total, chunked=chunked)
     trailer = _receive_into(buf, it, total)
     computed, payload, nonfinite = buf.finish()
     if computed != trailer.xxh3_128:

@@ -20,6 +20,7 @@ from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import (
     CHUNK_SIZE,
+    ChunkedPayload,
     assemble_chunks,
     chunk_frames,
     decode_tensors,
@@ -401,14 +402,60 @@ def _tensor_set(rng, poison: dict[str, float]) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000, CHUNK_SIZE])
 @pytest.mark.parametrize("poison", [{}, {"fc.weight": np.nan}, {"conv.weight": -np.inf, "fc.bias": np.inf},
                                     {"half": np.nan}])
-def test_stream_finds_nonfinite_tensors_whatever_the_chunking(chunk_size, poison):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_stream_finds_nonfinite_tensors_whatever_the_chunking(chunk_size, poison, chunked):
     """Headers and values split across chunks at every offset: the verdict found while receiving
-    is exactly the set of float tensors holding NaN or infinity."""
+    is exactly the set of float tensors holding NaN or infinity, whether the chunks are copied
+    into one buffer or kept where they arrived (then every tensor decodes to the same values and
+    the layout is known without reading any)."""
     tensors = _tensor_set(np.random.default_rng(len(poison) * 1000 + chunk_size), poison)
     payload = encode_tensors(tensors)
-    got = receive_stream(_fast_stream(payload, chunk_size=chunk_size), "model_header")
-    assert got.payload == payload
+    got = receive_stream(_fast_stream(payload, chunk_size=chunk_size), "model_header", chunked=chunked)
     assert got.nonfinite == frozenset(poison)
+    if not chunked:
+        assert got.payload == payload
+        return
+    assert isinstance(got.payload, ChunkedPayload) and len(got.payload) == len(payload)
+    assert got.payload.chunks == -(-len(payload) // chunk_size)
+    shapes = got.payload.shapes()
+    assert list(shapes) == list(tensors)
+    assert all(shapes[k].shape == v.shape and shapes[k].dtype == v.dtype for k, v in tensors.items())
+    for copy, aligned in ((True, True), (False, False), (False, True)):
+        decoded = decode_tensors(got.payload, copy=copy, aligned=aligned)
+        assert list(decoded) == list(tensors)
+        for k, v in tensors.items():
+            np.testing.assert_array_equal(decoded[k], v)
+            assert decoded[k].dtype == v.dtype and decoded[k].shape == v.shape
+            if copy:  # owned by the caller: writable, and sharing no memory with the kept chunks
+                assert decoded[k].flags.writeable, k
+    assert got.payload.contiguous() == payload and bytes(got.payload) == payload
+
+
+def test_a_kept_chunk_decodes_as_a_view_of_it_and_spread_tensors_as_new_arrays():
+    """copy=False: a tensor inside one chunk is a read-only view of that chunk (no copy), one
+    spread over chunks is gathered once; a payload that is not canonically encoded still decodes
+    (through the joined buffer) and has no layout."""
+    small = np.arange(6, dtype=np.float32)
+    big = np.arange(3000, dtype=np.float32)
+    payload = encode_tensors({"small": small, "big": big})
+    got = receive_stream(_fast_stream(payload, chunk_size=1024), "model_header", chunked=True).payload
+    out = decode_tensors(got, copy=False, aligned=False)
+    assert not out["small"].flags.writeable  # a view of the first chunk
+    assert out["big"].flags.owndata or out["big"].base.flags.owndata  # gathered: 12 kB over 12 chunks
+    np.testing.assert_array_equal(out["big"], big)
+    # protobuf allows fields out of order: not the canonical encoding, still the same tensors
+    t = pb.Tensor(name="x", shape=[3], dtype="float32", data=np.ones(3, np.float32).tobytes())
+    odd = b"".join((b"\x0a", bytes([len(t.SerializeToString())]), _reorder(t)))
+    got = receive_stream(_fast_stream(odd, chunk_size=5), "model_header", chunked=True)
+    assert got.payload.layout is None and got.payload.shapes() is None and got.nonfinite is None
+    np.testing.assert_array_equal(decode_tensors(got.payload)["x"], np.ones(3, np.float32))
+
+
+def _reorder(t: pb.Tensor) -> bytes:
+    """``t`` serialized with its dtype field before its name (valid protobuf, not canonical)."""
+    dtype = pb.Tensor(dtype=t.dtype).SerializeToString()
+    rest = pb.Tensor(name=t.name, shape=t.shape, data=t.data).SerializeToString()
+    return dtype + rest
 
 
 def test_stream_finiteness_on_a_big_payload_and_huge_finite_values():
