@@ -555,3 +555,31 @@ def test_receive_buffers_are_reused_only_when_nothing_refers_to_them():
     assert fourth == payloads[3]
     np.testing.assert_array_equal(kept_array, tensors[0]["w"])
     assert kept_raw.tobytes() == payloads[1]
+
+
+def test_a_fog_refuses_a_model_holding_nan_as_it_downloads_it():
+    """The finiteness verdict found while the model arrived is used: a served model with NaN in a
+    tensor fails the download with a one-line reason naming it (the fog's round loop logs it and
+    goes on); the same cloud serving a sound model to another fog is downloaded normally."""
+    cfg = build_config([], [("cloud.warm_start.per_class", 0), ("topology.fogs", 2)], use_env=False)
+
+    def poison(fog_id, round_no, params, spec):
+        if fog_id != "fog-0":
+            return None
+        bad = {k: v.copy() for k, v in params.items()}
+        name = sorted(bad)[0]
+        bad[name].reshape(-1)[-1] = np.nan
+        return bad
+
+    node = CloudNode(cfg, serve_transform=poison)
+    server, port, _ = start_grpc_server(AggregatorServicer(node), "127.0.0.1", 0)
+    client = CloudClient(f"127.0.0.1:{port}")
+    try:
+        node.start_round()
+        with pytest.raises(WireError, match=rf"holds NaN or infinity in {sorted(node.params)[0]}"):
+            client.download("fog-0", node.round_no)
+        header, payload = client.download("fog-1", node.round_no)
+        assert header.version == node.version and bytes(payload) == node.serve_model("fog-1")[1]
+    finally:
+        client.close()
+        server.stop(0)
