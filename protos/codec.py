@@ -16,13 +16,16 @@ Two ways to put a stream on the wire, byte for byte the same protobuf:
   serializer; :func:`parse_chunk` is the matching deserializer, which turns a data chunk into a
   zero-copy ``memoryview`` of its bytes. :func:`assemble_chunks` accepts those views as data chunks.
 
-The receiver copies each chunk as it arrives straight into the payload's buffer (of the size the
-header announced, reused from a small pool: :class:`_PayloadBuffer`, :class:`_BufferPool`), hashes
-it and checks its float values for NaN/inf while it is in cache (gRPC keeps receiving meanwhile);
-nothing is left to do after the trailer but compare digests. :func:`decode_tensors` reads the canonical encoding in place (``copy=False``: read-only
-views, no copy at all). Each of protobuf message construction, a ``bytes(memoryview)`` slice,
-``bytearray`` growth plus a final ``bytes()``, or a join of the chunks at the end would be a full
-copy of a 50 MB model on the critical path; these paths make none beyond the one into the buffer.
+A receiver either copies each chunk as it arrives into one buffer of the size the header
+announced (reused from a small pool: :class:`_PayloadBuffer`, :class:`_BufferPool`), or keeps the
+chunks where gRPC put them (``receive_stream(chunked=True)``: :class:`ChunkedPayload`, no copy at
+all; the cloud does this with uploads). Either way each chunk is hashed and its float values are
+checked for NaN/inf while it is in cache (gRPC keeps receiving meanwhile); nothing is left to do
+after the trailer but compare digests. :func:`decode_tensors` reads the canonical encoding in
+place (``copy=False``: read-only views, no copy at all). Each of protobuf message construction, a
+``bytes(memoryview)`` slice, ``bytearray`` growth plus a final ``bytes()``, or a join of the chunks
+at the end would be a full copy of a 50 MB model on the critical path; these paths make none
+beyond the one into the buffer, and the chunked one none.
 """
 
 from __future__ import annotations
