@@ -12,8 +12,8 @@ import grpc
 
 from fog.node import FogNode
 from kernel.config import RunConfig
-from kernel.errors import ConnectError
-from kernel.mqtt import MqttLink
+from kernel.errors import ConnectError, StorageError
+from kernel.mqtt import MqttLink, Undelivered
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import chunk_frames, parse_chunk, receive_stream, serialize_chunk
@@ -84,9 +84,12 @@ class FogService:
         self.topics = Topics(cfg.run_id)
         self.cloud = CloudClient(cloud_address)
         self.announcements: queue.Queue[Announcement] = queue.Queue()
-        # a kept session: edges' batches published while this fog is away wait at the broker
+        # a kept session: edges' batches published while this fog is away wait at the broker; and
+        # a batch is acknowledged only once pooled, so one the fog could not store is sent again
         self.link = MqttLink(cfg.mqtt, f"{cfg.run_id}-{node.fog_id}", self.topics.status(node.fog_id),
-                             persistent=True)
+                             persistent=True, manual_ack=True)
+        self.link.on_undelivered = self._undelivered
+        self.fatal: StorageError | None = None
         self.link.subscribe(self.topics.rounds, self._on_round)
         self.link.subscribe(self.topics.samples(node.fog_id), self._on_samples)
 
@@ -96,7 +99,18 @@ class FogService:
             self.announcements.put(ann)
 
     def _on_samples(self, topic: str, payload: bytes) -> None:
-        self.node.on_samples(payload)
+        try:
+            self.node.on_samples(payload)
+        except OSError as exc:  # the pool could not be written: not taken in, not acknowledged
+            raise Undelivered(f"pool write failed: {exc.strerror or exc}") from None
+
+    def _undelivered(self, topic: str, reason: str) -> None:
+        """A batch could not be stored: stop, so that the broker, which keeps this fog's session
+        and the unacknowledged batch, delivers it again to the fog once restarted."""
+        if self.fatal is None:
+            self.fatal = StorageError(f"{self.node.fog_id} cannot store sample batches ({reason}); stopped, the "
+                                      f"broker keeps the batch for the restarted fog")
+        self.stop.set()
 
     def run(self) -> None:
         self.cloud.wait_ready(timeout=60)
@@ -116,6 +130,8 @@ class FogService:
             except (grpc.RpcError, WireError, RuntimeError) as exc:
                 detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
                 log.error("%s round %d failed: %s", self.node.fog_id, ann.round, detail)
+        if self.fatal is not None:
+            raise self.fatal
 
     def _take_part(self, ann: Announcement) -> None:
         header, payload = self.cloud.download(self.node.fog_id, ann.round)

@@ -21,3 +21,7 @@ class ModelError(FogflError):
 
 class ConnectError(FogflError):
     """A broker or server cannot be reached, or a port cannot be bound."""
+
+
+class StorageError(FogflError):
+    """A node cannot write its durable state (disk full, read-only, permissions)."""

@@ -17,6 +17,13 @@
   message published while its receiver is away is lost. ``connect(fresh_session=True)`` first
   discards a session a previous run left under the same client id, so its messages are not taken
   for this run's.
+- ``manual_ack=True``: a QoS 1 message is acknowledged only once its handlers returned. A handler
+  that could not take the message in (it could not store it) raises :class:`Undelivered`: the
+  message is left unacknowledged, so a broker that keeps the session delivers it again when the
+  node reconnects, and ``on_undelivered(topic, reason)`` is called. (Without it the PUBACK goes
+  out whatever the handler did, and the sender drops its copy.) A handler that fails otherwise
+  (a bad message) is logged and counted, and the message is acknowledged: sending it again would
+  fail again.
 """
 
 from __future__ import annotations
@@ -37,12 +44,19 @@ log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
 
 
+class Undelivered(Exception):
+    """Raised by a handler that could not take a message in: leave it unacknowledged."""
+
+
 class MqttLink:
     def __init__(self, cfg: MqttConfig, client_id: str, status_topic: str | None = None,
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, manual_ack: bool = False) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.persistent = persistent
+        self.manual_ack = manual_ack
+        self.on_undelivered: Callable[[str, str], None] | None = None
+        self.undelivered = 0
         self.status_topic = status_topic
         self._handlers: list[tuple[str, Handler]] = []
         self._connected = threading.Event()
@@ -59,6 +73,7 @@ class MqttLink:
         c.on_message = self._on_message
         c.on_socket_open = _no_delay
         c.on_publish = self._on_publish
+        c.manual_ack_set(manual_ack)
         c.max_inflight_messages_set(100)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=5)
@@ -162,13 +177,25 @@ class MqttLink:
 
     def _on_message(self, client, userdata, message) -> None:
         self.bytes_in += len(message.payload)
+        held: str | None = None
         for pattern, handler in self._handlers:
             if mqtt.topic_matches_sub(pattern, message.topic):
                 try:
                     handler(message.topic, message.payload)
+                except Undelivered as exc:
+                    held = str(exc) or exc.__class__.__name__
                 except Exception:  # a bad message must not take the node down
                     self._errors += 1
                     log.exception("%s: handler for %s failed; message dropped", self.client_id, message.topic)
+        if held is not None:
+            self.undelivered += 1
+            log.error("%s: could not take in a message on %s, left unacknowledged: %s", self.client_id,
+                      message.topic, held)
+            hook = self.on_undelivered
+            if hook is not None:
+                hook(message.topic, held)
+        elif self.manual_ack and message.qos > 0:
+            client.ack(message.mid, message.qos)
 
 
 def _no_delay(client, userdata, sock) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from deploy.broker import EmbeddedBroker
 from kernel.config import MqttConfig
-from kernel.mqtt import MqttLink
+from kernel.mqtt import MqttLink, Undelivered
 from protos.envelope import Publish
 from tests.helpers import Mosquitto
 
@@ -112,5 +112,41 @@ def test_a_kept_session_receives_what_was_published_while_it_was_away(mosquitto_
             assert _drain(got, 5.0) == [b"this-run"]
         finally:
             fresh.close()
+    finally:
+        sender.close()
+
+
+def test_a_message_its_handler_could_not_take_in_is_delivered_again_after_a_reconnect(mosquitto_port):
+    """manual_ack: a handler raising Undelivered leaves the message unacknowledged (the hook hears
+    of it); the broker sends it again when the kept session reconnects, and once a handler took
+    it in and it was acknowledged, never again."""
+    cfg = MqttConfig(host="127.0.0.1", port=mosquitto_port)
+    sender = MqttLink(cfg, "ack-test-edge").connect()
+    got: queue.Queue = queue.Queue()
+    held: list[tuple[str, str]] = []
+
+    def link(fail: bool, fresh: bool) -> MqttLink:
+        def handler(topic: str, payload: bytes) -> None:
+            got.put(payload)
+            if fail:
+                raise Undelivered("disk full")
+
+        lk = MqttLink(cfg, "ack-test-fog", persistent=True, manual_ack=True)
+        lk.on_undelivered = lambda topic, reason: held.append((topic, reason))
+        lk.subscribe("fogfl/ack-test/samples", handler)
+        return lk.connect(fresh_session=fresh)
+
+    try:
+        first = link(fail=True, fresh=True)
+        sender.publish(Publish("fogfl/ack-test/samples", b"batch-1", qos=1))
+        assert _drain(got, 5.0) == [b"batch-1"]
+        assert held == [("fogfl/ack-test/samples", "disk full")] and first.undelivered == 1
+        first.close()
+        second = link(fail=False, fresh=False)  # the restarted node
+        assert _drain(got, 5.0) == [b"batch-1"]
+        second.close()
+        third = link(fail=False, fresh=False)
+        assert _drain(got, 1.5) == []  # acknowledged by the second: gone
+        third.close()
     finally:
         sender.close()

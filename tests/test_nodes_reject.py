@@ -258,3 +258,33 @@ def test_a_receiver_beyond_the_fold_backlog_waits_without_blocking_the_node(cfg)
     m = node.finish_round()
     assert m.updates == 5 and node.strategy.received == 0  # all folded, round closed
     assert node.metrics_document()["fold_errors"] == 0
+
+
+def test_a_fog_that_cannot_store_a_batch_leaves_it_unacknowledged_and_stops(cfg, tmp_path):
+    """A pool write that fails (disk full, read-only): the batch is not pooled, the fog's MQTT
+    handler raises Undelivered (so the link leaves the message unacknowledged for the broker to
+    redeliver), and the service stops with a one-line StorageError. A bad batch, by contrast, is
+    rejected and acknowledged as before."""
+    from fog.service import FogService
+    from kernel.errors import StorageError
+    from kernel.mqtt import Undelivered
+
+    fog = FogNode(cfg, "fog-0", state_dir=tmp_path / "state")
+    node = CloudNode(cfg)
+    assert fog.on_announcement(node.start_round().to_json()) is not None
+    fog.on_model(*node.serve_model("fog-0"))
+    svc = FogService(cfg, fog, "127.0.0.1:1")  # never connected here
+    assert svc.link.persistent and svc.link.manual_ack and svc.link.on_undelivered == svc._undelivered
+    good = pb.SampleBatch(edge_id="fog-0.edge-0", fog_id="fog-0", seq=1, round=1, x=tensor_to_pb("x", node.ds.x[:3]),
+                          y=[1, 2, 3]).SerializeToString()
+    svc._on_samples("t", b"\xff not protobuf")  # rejected, returns: acknowledged by the link
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    fog.pool.dir = blocker  # every write below it fails with an OSError
+    with pytest.raises(Undelivered, match="pool write failed"):
+        svc._on_samples("t", good)
+    assert len(fog.pool) == 0 and not svc.stop.is_set()
+    svc.link.on_undelivered("t", "pool write failed: Not a directory")
+    assert svc.stop.is_set() and isinstance(svc.fatal, StorageError)
+    assert "fog-0 cannot store sample batches" in str(svc.fatal) and "\n" not in str(svc.fatal)
+    svc.cloud.close()
