@@ -258,6 +258,7 @@ class CloudNode:
             rnd = self.current
             reason = self._check(header, rnd)
             admitted: Admitted | None = None
+            shapes: dict[str, TensorShape] | None = None
             if reason is None:
                 try:
                     # kept chunks already checked for NaN/inf: names, shapes and dtypes are all the
