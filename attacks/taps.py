@@ -24,7 +24,7 @@ from kernel.rpc import start_server
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.capture import build_capture, write_capture
-from protos.codec import assemble_chunks
+from protos.codec import as_stream, assemble_chunks
 from protos.errors import WireError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,29 @@ class TapProxy(pb_grpc.AggregatorServicer):
         with self._lock:
             self._served[(request.fog_id, int(header.round))] = (header, payload)
 
+    def FetchModel(self, request: pb.ModelRequest, context) -> pb.ModelReply:  # noqa: N802
+        try:
+            reply = self.stub.FetchModel(request, timeout=context.time_remaining())
+        except grpc.RpcError as exc:  # e.g. a model too large for one message: the fog streams it
+            context.abort(exc.code(), exc.details() or "upstream failed")
+        try:
+            header, payload = assemble_chunks(
+                as_stream(pb.Chunk(model_header=reply.header), reply.data, reply.trailer), "model_header")
+        except WireError as exc:
+            log.warning("tap: could not record the model served to %s: %s", request.fog_id, exc)
+            return reply
+        with self._lock:
+            self._served[(request.fog_id, int(header.round))] = (header, payload)
+        return reply
+
+    def SubmitUpdate(self, request: pb.UpdateRequest, context) -> pb.UploadAck:  # noqa: N802
+        try:
+            ack = self.stub.SubmitUpdate(request, timeout=context.time_remaining())
+        except grpc.RpcError as exc:
+            context.abort(exc.code(), exc.details() or "upstream failed")
+        self._record(as_stream(pb.Chunk(update_header=request.header), request.data, request.trailer))
+        return ack
+
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
         recorded: list[pb.Chunk] = []
 
@@ -92,17 +115,22 @@ class TapProxy(pb_grpc.AggregatorServicer):
             ack = self.stub.UploadUpdate(forward(), timeout=context.time_remaining())
         except grpc.RpcError as exc:
             context.abort(exc.code(), exc.details() or "upstream failed")
+        self._record(recorded)
+        return ack
+
+    def _record(self, recorded: list) -> None:
+        """Write the capture of an update (with the model recorded for its fog and round)."""
         try:
             header, payload = assemble_chunks(recorded, "update_header")
         except WireError as exc:
             log.warning("tap: upload not recorded: %s", exc)
-            return ack
+            return
         with self._lock:
             served = self._served.pop((header.fog_id, int(header.round)), None)
         if served is None:
             log.warning("tap: update of %s round %d without a recorded download; not captured",
                         header.fog_id, header.round)
-            return ack
+            return
         mh, mp = served
         msg = build_capture(source="tap", arch_json=mh.arch_json, model_version=mh.version, served_payload=mp,
                             header=header, update_payload=payload, captured_at=time.time())
@@ -110,7 +138,6 @@ class TapProxy(pb_grpc.AggregatorServicer):
         with self._lock:
             self.paths.append(path)
         log.info("tap captured %s round %d -> %s", header.fog_id, header.round, path)
-        return ack
 
 
 def start_tap(listen: tuple[str, int], upstream: tuple[str, int], out_dir: Path | str) -> tuple[grpc.Server, int, TapProxy]:

@@ -221,6 +221,11 @@ class CloudNode:
                                     total_bytes=len(payload), train_json=train.model_dump_json() if train else "")
             return header, payload
 
+    @property
+    def model_bytes(self) -> int:
+        """Size of the global model's encoding (what a fog downloads and uploads)."""
+        return len(self._payload)
+
     def payload_digest(self, payload: bytes) -> str | None:
         """The transfer digest (:func:`protos.codec.payload_digest`) of ``payload`` if it is the
         global model's payload (hashed once per version), else None (e.g. a payload transformed

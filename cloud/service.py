@@ -19,9 +19,12 @@ from kernel.rpc import start_server
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import (
+    CHUNK_SIZE,
+    as_stream,
     chunk_frames,
     iter_chunks,
     parse_chunk,
+    payload_digest,
     receive_stream,
     serialize_chunk,
 )
@@ -63,9 +66,27 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         yield from chunk_frames(pb.Chunk(model_header=header), payload, digest=digest)
 
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
+        # the chunks are kept where gRPC put them: checked as they arrive, read by the fold worker
+        return self._receive(request_iterator, context)
+
+    def FetchModel(self, request: pb.ModelRequest, context) -> pb.ModelReply:  # noqa: N802
+        """DownloadModel in one reply, for a model of at most one chunk."""
+        size = self.node.model_bytes
+        if size > CHUNK_SIZE:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the model is {size} bytes, more than one {CHUNK_SIZE}-byte message: use DownloadModel")
+        header, payload, digest = self._served(request)
+        return pb.ModelReply(header=header, data=bytes(payload),
+                             trailer=pb.Trailer(xxh3_128=digest or payload_digest(payload)))
+
+    def SubmitUpdate(self, request: pb.UpdateRequest, context) -> pb.UploadAck:  # noqa: N802
+        """UploadUpdate in one request, checked exactly as the stream it stands for."""
+        chunks = as_stream(pb.Chunk(update_header=request.header), request.data, request.trailer)
+        return self._receive(chunks, context)
+
+    def _receive(self, chunks, context) -> pb.UploadAck:
         try:
-            # the chunks are kept where gRPC put them: checked as they arrive, read by the fold worker
-            got = receive_stream(request_iterator, "update_header", screen=self.node.screen_update, chunked=True)
+            got = receive_stream(chunks, "update_header", screen=self.node.screen_update, chunked=True)
         except WireError as exc:
             self.rejected += 1
             log.warning("rejected a malformed upload from %s: %s", context.peer(), exc)
@@ -81,6 +102,12 @@ def _aggregator_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
             response_serializer=serialize_chunk),
         "UploadUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.UploadUpdate, request_deserializer=parse_chunk,
+            response_serializer=pb.UploadAck.SerializeToString),
+        "FetchModel": grpc.unary_unary_rpc_method_handler(
+            servicer.FetchModel, request_deserializer=pb.ModelRequest.FromString,
+            response_serializer=pb.ModelReply.SerializeToString),
+        "SubmitUpdate": grpc.unary_unary_rpc_method_handler(
+            servicer.SubmitUpdate, request_deserializer=pb.UpdateRequest.FromString,
             response_serializer=pb.UploadAck.SerializeToString),
     })
 

@@ -704,6 +704,12 @@ def receive_stream(chunks: Iterable[pb.Chunk | memoryview], header_field: str,
     return Received(header, payload, nonfinite)
 
 
+def as_stream(header: pb.Chunk, data: bytes, trailer: pb.Trailer) -> list[pb.Chunk | memoryview]:
+    """A single-message transfer (``ModelReply`` / ``UpdateRequest``) as the chunk stream it stands
+    for, so :func:`receive_stream` checks it exactly as it checks a stream."""
+    return [header, memoryview(data), pb.Chunk(trailer=trailer)]
+
+
 def assemble_chunks(chunks: Iterable[pb.Chunk | memoryview], header_field: str) -> tuple[Any, memoryview]:
     """(header, payload) of a chunk stream: :func:`receive_stream` without the finiteness verdict."""
     got = receive_stream(chunks, header_field)

@@ -583,3 +583,109 @@ def test_a_fog_refuses_a_model_holding_nan_as_it_downloads_it():
     finally:
         client.close()
         server.stop(0)
+
+
+# --------------------------------------------------------------------------- single-message transfers
+
+
+class _Counting(AggregatorServicer):
+    def __init__(self, node):
+        super().__init__(node)
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name):
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def DownloadModel(self, request, context):  # noqa: N802
+        self._count("DownloadModel")
+        yield from super().DownloadModel(request, context)
+
+    def download_frames(self, request, context):
+        self._count("DownloadModel")
+        yield from super().download_frames(request, context)
+
+    def UploadUpdate(self, request_iterator, context):  # noqa: N802
+        self._count("UploadUpdate")
+        return super().UploadUpdate(request_iterator, context)
+
+    def FetchModel(self, request, context):  # noqa: N802
+        self._count("FetchModel")
+        return super().FetchModel(request, context)
+
+    def SubmitUpdate(self, request, context):  # noqa: N802
+        self._count("SubmitUpdate")
+        return super().SubmitUpdate(request, context)
+
+
+class _StreamsOnly(AggregatorServicer):
+    """A cloud from before the single-message methods: they answer UNIMPLEMENTED."""
+
+    FetchModel = pb_grpc.AggregatorServicer.FetchModel
+    SubmitUpdate = pb_grpc.AggregatorServicer.SubmitUpdate
+
+
+@pytest.fixture
+def small_node() -> CloudNode:
+    cfg = build_config([], [("cloud.warm_start.per_class", 0), ("topology.fogs", 1), ("rounds", 100)], use_env=False)
+    n = CloudNode(cfg)
+    assert n.model_bytes <= CHUNK_SIZE
+    return n
+
+
+def test_a_small_model_travels_as_single_messages_and_a_large_one_as_streams(small_node, node):
+    for cloud, expect in ((small_node, {"FetchModel": 2, "SubmitUpdate": 1}),
+                          (node, {"FetchModel": 1, "DownloadModel": 2, "UploadUpdate": 1})):
+        servicer = _Counting(cloud)
+        server, port, _ = start_grpc_server(servicer, "127.0.0.1", 0)
+        client = CloudClient(f"127.0.0.1:{port}")
+        try:
+            _round_trip(cloud, lambda c=client, n=cloud: c.download("fog-0", n.round_no), client.upload)
+            cloud.start_round()
+            client.download("fog-0", cloud.round_no)
+            cloud.finish_round()
+        finally:
+            client.close()
+            server.stop(0)
+        # the large model: one refused FetchModel, then streams only (the client remembers)
+        assert servicer.calls == expect, servicer.calls
+
+
+def test_a_cloud_without_single_message_methods_is_streamed_to(small_node):
+    server, port, _ = start_grpc_server(_StreamsOnly(small_node), "127.0.0.1", 0)
+    client = CloudClient(f"127.0.0.1:{port}")
+    try:
+        _round_trip(small_node, lambda: client.download("fog-0", small_node.round_no), client.upload)
+        assert not client.single_message
+    finally:
+        client.close()
+        server.stop(0)
+
+
+class _CorruptReply(AggregatorServicer):
+    def FetchModel(self, request, context):  # noqa: N802
+        reply = super().FetchModel(request, context)
+        data = bytearray(reply.data)
+        data[len(data) // 2] ^= 0x01
+        reply.data = bytes(data)
+        return reply
+
+
+def test_single_message_transfers_are_checked_like_streams(small_node):
+    """A corrupted reply fails its digest; a NaN update sent as one message is refused with the
+    stream's reason, and nothing reaches the round."""
+    server, port, _ = start_grpc_server(_CorruptReply(small_node), "127.0.0.1", 0)
+    client = CloudClient(f"127.0.0.1:{port}")
+    try:
+        small_node.start_round()
+        with pytest.raises(ChecksumError, match="xxh3-128"):
+            client.download("fog-0", small_node.round_no)
+        bad = {k: np.zeros_like(v) for k, v in small_node.params.items()}
+        next(iter(bad.values())).reshape(-1)[0] = np.inf
+        up = encode_tensors(bad)
+        ack = client.upload(_update_header(small_node, up), up)
+        assert not ack.accepted and "NaN or infinity" in ack.reason and client.single_message
+        assert not small_node.current.received
+        small_node.finish_round()
+    finally:
+        client.close()
+        server.stop(0)
