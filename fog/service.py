@@ -82,10 +82,10 @@ class CloudClient:
                 chunks = as_stream(pb.Chunk(model_header=reply.header), reply.data, reply.trailer)
                 self._model_fits = True
             except grpc.RpcError as exc:
-                if not self._unsupported(exc):
-                    if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                        raise
-                    self._model_fits = False  # larger than one message: stream
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    self._model_fits = False  # larger than one message: stream it, now and from now on
+                elif not self._unsupported(exc):
+                    raise
         if chunks is None:
             chunks = self._download(request, timeout=self.timeout)
         got = receive_stream(chunks, "model_header")

@@ -264,12 +264,13 @@ class _Pieces:
         self.views.append(view)
         self.size += len(view)
 
-    def _index(self, pos: int) -> int:
+    def index(self, pos: int) -> int:
+        """The piece holding byte ``pos``."""
         return bisect.bisect_right(self.starts, pos) - 1
 
     def window(self, pos: int, stop: int) -> bytes | memoryview:
         """Bytes ``[pos, stop)``: a view when one piece holds them, else a (small) join."""
-        i = self._index(pos)
+        i = self.index(pos)
         v, s = self.views[i], self.starts[i]
         if stop <= s + len(v):
             return v[pos - s : stop - s]
@@ -284,7 +285,7 @@ class _Pieces:
 
     def spans(self, start: int, stop: int) -> Iterator[tuple[memoryview, int, int]]:
         """(piece, offset in it, length) covering ``[start, stop)`` in order."""
-        i = self._index(start) if stop > start else len(self.views)
+        i = self.index(start) if stop > start else len(self.views)
         while start < stop:
             v, s = self.views[i], self.starts[i]
             n = min(stop, s + len(v)) - start
@@ -345,7 +346,7 @@ class _FiniteScan:
         pieces = self._pieces
         pos = start
         while pos < stop:
-            i = pieces._index(pos)
+            i = pieces.index(pos)
             v, s = pieces.views[i], pieces.starts[i]
             piece_end = s + len(v)
             whole = (min(stop, piece_end) - pos) // item
@@ -636,8 +637,8 @@ class _PayloadBuffer:
     def write(self, data: bytes | memoryview) -> None:
         offset, self.size = self.size, self.size + len(data)
         if self.chunked:
-            view = data if isinstance(data, memoryview) else memoryview(data)
-            self._pieces.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+            view = data if isinstance(data, memoryview) else memoryview(data)  # bytes: format "B"
+            self._pieces.append(view)
             self._hash.update(view)
         else:
             piece = self._arr[offset : self.size]
