@@ -64,9 +64,8 @@ def tensor_to_pb(name: str, array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(name=name, shape=list(arr.shape), dtype=arr.dtype.name, data=arr.tobytes())
 
 
-def _array(name: str, shape_in: Iterable[int], dtype_name: str, data, offset: int, nbytes: int,
-           copy: bool, aligned: bool = True) -> np.ndarray:
-    """The array of one tensor whose raw bytes are ``data[offset : offset + nbytes]``."""
+def _checked_shape(name: str, shape_in: Iterable[int], dtype_name: str, nbytes: int) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, little-endian dtype) of a tensor header, checked against its ``nbytes`` of data."""
     if dtype_name not in _ALLOWED_DTYPES:
         raise WireError(f"tensor {name!r}: unknown dtype {dtype_name!r}")
     dtype = np.dtype(dtype_name).newbyteorder("<")
@@ -76,6 +75,13 @@ def _array(name: str, shape_in: Iterable[int], dtype_name: str, data, offset: in
     expected = math.prod(shape) * dtype.itemsize  # python ints: a hostile shape cannot overflow
     if expected != nbytes:
         raise WireError(f"tensor {name!r}: shape {shape} {dtype_name} needs {expected} bytes, got {nbytes}")
+    return shape, dtype
+
+
+def _array(name: str, shape_in: Iterable[int], dtype_name: str, data, offset: int, nbytes: int,
+           copy: bool, aligned: bool = True) -> np.ndarray:
+    """The array of one tensor whose raw bytes are ``data[offset : offset + nbytes]``."""
+    shape, dtype = _checked_shape(name, shape_in, dtype_name, nbytes)
     # frombuffer gives a read-only view of the message's bytes; copy so callers own the array.
     try:
         arr = np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
@@ -294,9 +300,9 @@ class _Pieces:
                 start += n
             i += 1
 
-    def gather(self, start: int, stop: int) -> np.ndarray:
-        """A new uint8 array holding bytes ``[start, stop)``."""
-        out = np.empty(stop - start, dtype=np.uint8)
+    def gather(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Bytes ``[start, stop)`` in ``out`` (uint8, that long), or in a new array."""
+        out = np.empty(stop - start, dtype=np.uint8) if out is None else out
         at = 0
         for v, off, n in self.spans(start, stop):
             out[at : at + n] = np.frombuffer(v, dtype=np.uint8, count=n, offset=off)
@@ -554,11 +560,7 @@ class ChunkedPayload:
         """The payload in one read-only buffer (joined on the first call, then kept)."""
         with self._lock:
             if self._joined is None:
-                arr = _POOL.take(len(self))
-                at = 0
-                for v in self._pieces.views:
-                    arr[at : at + len(v)] = np.frombuffer(v, dtype=np.uint8)
-                    at += len(v)
+                arr = self._pieces.gather(0, len(self), out=_POOL.take(len(self)))
                 self._joined = memoryview(arr).cast("B").toreadonly()
             return self._joined
 
@@ -571,13 +573,7 @@ class ChunkedPayload:
         for name, shape, dtype_name, _, nbytes in self.layout:
             if name in out:
                 raise WireError(f"tensor {name!r} appears twice in the payload")
-            if dtype_name not in _ALLOWED_DTYPES:
-                raise WireError(f"tensor {name!r}: unknown dtype {dtype_name!r}")
-            dims = tuple(int(d) for d in shape)
-            dtype = np.dtype(dtype_name).newbyteorder("<")
-            if math.prod(dims) * dtype.itemsize != nbytes:
-                raise WireError(f"tensor {name!r}: shape {dims} {dtype_name} needs "
-                                f"{math.prod(dims) * dtype.itemsize} bytes, got {nbytes}")
+            dims, dtype = _checked_shape(name, shape, dtype_name, nbytes)
             out[name] = TensorShape(dims, dtype.newbyteorder("="))
         return out
 
