@@ -11,12 +11,12 @@ model it already had.
 
 Every outgoing batch goes through the node's :class:`~edge.outbox.Outbox` first. With a state
 directory, the outbox, the sequence number, the rounds already served and the samples already
-sent survive a restart; a driver calls :meth:`EdgeNode.delivered` once the broker has the batch.
-A batch in the outbox is itself the record of its round, seq and samples (a restart reads them
-back from it), so the node's ``state.json`` is written when a batch leaves the outbox, before the
-entry is dropped, not between the query and the publish. ``durability`` is the outbox's (see
-:mod:`edge.outbox`): ``"sync"`` fsyncs each batch before it is published, ``"async"`` lets the
-driver publish first and fsync while the batch is in flight.
+sent survive a restart. The outbox's journal is itself the record of each batch's round, seq and
+samples (a restart reads them back from it), so the node's ``state.json`` is written only when
+the outbox compacts its journal, just before the acknowledged batches' records leave it, not
+once per batch. A driver calls :meth:`EdgeNode.delivered` once the broker has the batch.
+``durability`` is the outbox's (see :mod:`edge.outbox`): ``"sync"`` syncs each batch before it is
+published, ``"async"`` lets the driver publish first and sync while the batch is in flight.
 """
 
 from __future__ import annotations
@@ -192,14 +192,17 @@ class EdgeNode:
 
     def delivered(self, msg: Publish | int) -> bool:
         """The broker (or the in-process engine) has the batch ``msg`` (a Publish this node
-        returned, or its seq): record what it carried in the node's state, then drop it from the
-        outbox."""
+        returned, or its seq): it is no longer pending in the outbox. (Its record stays in the
+        outbox's journal until a compaction, which writes the node's state first.)"""
         seq = msg if isinstance(msg, int) else next(
             (e.seq for e in self.outbox.pending() if e.msg is msg or e.msg == msg), None)
-        if seq is None or seq not in self.outbox:
+        if seq is None or not self.outbox.ack(seq):
             return False
-        self._save_state()  # the entry is the durable record of its batch until this is written
-        return self.outbox.ack(seq, counter_saved=self.state_dir is not None)  # next_seq is in the state
+        if self.outbox.needs_compaction:
+            # the journal's records of acknowledged batches are about to go: the state takes them over
+            self._save_state()
+            self.outbox.compact(counter_saved=self.state_dir is not None)  # next_seq is in the state
+        return True
 
     def preload(self, onnx: bytes, version: int = 0, source: str = "file") -> None:
         """Start with a model shipped with the device (e.g. the cloud's ``checkpoints/latest.onnx``)
@@ -296,9 +299,9 @@ class EdgeNode:
                                   f"({self._identity()}); use another state dir")
             self._acted.update(acted)
             self.outbox.advance(next_seq)
-        # Batches still in the outbox were made by this node but maybe not yet recorded above
-        # (a crash between the two writes): count their rounds and samples as done.
-        for entry in self.outbox.pending():
+        # Batches the outbox's journal recorded since the state was written: count their rounds
+        # and samples as done (acknowledged or still pending).
+        for entry in self.outbox.recorded():
             b = pb.SampleBatch()
             try:
                 b.ParseFromString(entry.msg.payload)

@@ -157,6 +157,7 @@ def run_edge(
                         "" if node.outbox.durable else " (in memory: lost on exit)")
     finally:
         link.close()
+        node.outbox.close()
     log.info("%s: %s; %d labels sent in %d batch(es), %d message(s) rejected", edge_id,
              "stopped" if stopped else "run finished", node.labels_sent, sender.delivered, node.rejected)
     return node

@@ -1,18 +1,32 @@
-"""The fog's sample pool: what its edges sent, de-duplicated by (edge_id, seq), durable when a
-state directory is given (each accepted batch is written before it is acknowledged as accepted,
-and reloaded on restart), so nothing that was accepted is lost."""
+"""The fog's sample pool: what its edges sent, de-duplicated by (edge_id, seq).
+
+With a state directory the pool is durable: each accepted batch is appended to
+``<state>/pool/pool.journal`` (:class:`kernel.journal.Journal`) and on stable storage
+(``fdatasync``) before :meth:`SamplePool.add` returns, so before the fog acknowledges the batch to
+the broker; a restarted fog reads the journal back. Nothing that was accepted is lost, also on a
+power cut. Pools written by fogfl 0.2.0 (one ``.npz`` file per batch, not fsynced) are read once
+and moved into the journal.
+
+A record is a 4-byte header length, a JSON header (edge_id, seq, round, x's shape, the lengths of
+y and sample_ids) and the raw bytes of x (float32), y and sample_ids (int64), little-endian."""
 
 from __future__ import annotations
 
+import json
 import logging
-import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kernel.journal import Journal
+
 log = logging.getLogger(__name__)
+
+_LEN = struct.Struct(">I")
+_F32, _I64 = np.dtype("<f4"), np.dtype("<i8")
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,34 @@ class PooledBatch:
     sample_ids: np.ndarray
 
 
+def encode_batch(b: PooledBatch) -> bytes:
+    x = np.ascontiguousarray(b.x, dtype=_F32)
+    y = np.ascontiguousarray(b.y, dtype=_I64)
+    ids = np.ascontiguousarray(b.sample_ids, dtype=_I64)
+    head = json.dumps({"edge_id": b.edge_id, "seq": int(b.seq), "round": int(b.round), "x_shape": list(x.shape),
+                       "n_y": len(y), "n_ids": len(ids)}).encode()
+    return b"".join((_LEN.pack(len(head)), head, x.tobytes(), y.tobytes(), ids.tobytes()))
+
+
+def decode_batch(record: bytes) -> PooledBatch:
+    """The inverse of :func:`encode_batch`; ValueError (or KeyError/TypeError) if malformed."""
+    (hlen,) = _LEN.unpack_from(record, 0)
+    h = json.loads(record[_LEN.size:_LEN.size + hlen])
+    pos = _LEN.size + hlen
+    shape = tuple(int(d) for d in h["x_shape"])
+    parts = []
+    for dtype, count in ((_F32, int(np.prod(shape))), (_I64, int(h["n_y"])), (_I64, int(h["n_ids"]))):
+        end = pos + count * dtype.itemsize
+        if count < 0 or end > len(record):
+            raise ValueError("record shorter than its header says")
+        parts.append(np.frombuffer(record, dtype, count, pos))
+        pos = end
+    if pos != len(record):
+        raise ValueError("record longer than its header says")
+    return PooledBatch(str(h["edge_id"]), int(h["seq"]), int(h["round"]), parts[0].reshape(shape),
+                       parts[1].astype(np.int64), parts[2].astype(np.int64))
+
+
 class SamplePool:
     def __init__(self, state_dir: Path | str | None = None) -> None:
         self.dir = Path(state_dir) / "pool" if state_dir else None
@@ -33,39 +75,57 @@ class SamplePool:
         self._batches: list[PooledBatch] = []
         self._seen: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        self.journal: Journal | None = None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
+            self.journal = Journal(self.dir / "pool.journal")
             self._reload()
 
+    def _keep(self, b: PooledBatch) -> bool:
+        key = (b.edge_id, b.seq)
+        if key in self._seen:
+            return False
+        self._batches.append(b)
+        self._seen.add(key)
+        return True
+
     def _reload(self) -> None:
-        assert self.dir is not None
-        for f in sorted(self.dir.glob("*.npz")):
+        assert self.journal is not None and self.dir is not None
+        for i, rec in enumerate(self.journal.records):
+            try:
+                self._keep(decode_batch(rec))
+            except (ValueError, KeyError, TypeError, struct.error):
+                log.error("pool journal %s: record %d is unreadable; skipped", self.journal.path, i)
+        self.journal.records = []  # decoded: the bytes are not needed twice
+        legacy = sorted(self.dir.glob("*.npz"))  # a fogfl 0.2.0 pool: move it into the journal
+        for f in legacy:
             try:
                 with np.load(f) as z:
                     b = PooledBatch(str(z["edge_id"]), int(z["seq"]), int(z["round"]), z["x"], z["y"],
                                     z["sample_ids"])
             except (OSError, KeyError, ValueError):
-                log.error("pool file %s is unreadable; skipped", f)
+                log.error("pool file %s is unreadable; left where it is", f)
                 continue
-            self._batches.append(b)
-            self._seen.add((b.edge_id, b.seq))
+            if self._keep(b):
+                self.journal.append(encode_batch(b))
+            f.unlink()
         if self._batches:
-            log.info("pool restored: %d batches, %d samples", len(self._batches), len(self))
+            log.info("pool restored: %d batches, %d samples%s", len(self._batches), len(self),
+                     f" ({len(legacy)} moved from .npz files)" if legacy else "")
 
     def add(self, b: PooledBatch) -> bool:
-        """False if (edge_id, seq) was already accepted."""
-        key = (b.edge_id, b.seq)
+        """False if (edge_id, seq) was already accepted. With a state directory the batch is on
+        stable storage when this returns; an OSError (a full disk) leaves the pool unchanged."""
         with self._lock:
-            if key in self._seen:
+            if (b.edge_id, b.seq) in self._seen:
                 return False
-            if self.dir is not None:
-                path = self.dir / f"{b.edge_id}-{b.seq:08d}.npz"
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, edge_id=b.edge_id, seq=b.seq, round=b.round, x=b.x, y=b.y, sample_ids=b.sample_ids)
-                os.replace(tmp, path)
-            self._batches.append(b)
-            self._seen.add(key)
-            return True
+            if self.journal is not None:
+                self.journal.append(encode_batch(b))
+            return self._keep(b)
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
 
     def __len__(self) -> int:
         return sum(len(b.y) for b in self._batches)

@@ -201,6 +201,7 @@ class FogService:
     def close(self) -> None:
         self.link.close()
         self.cloud.close()
+        self.node.pool.close()
 
 
 def run_fog(cfg: RunConfig, fog_id: str, cloud_address: str, state_dir: Path | str | None = None,

@@ -243,14 +243,40 @@ def test_state_and_outbox_survive_a_restart(cfg, onnx_v1, tmp_path):
     b3 = batch_of(again.on_announcement(announce(cfg, 3)))
     assert b3.seq == 3 and not set(b3.sample_ids) & sent
 
-    # a crash between writing the outbox and the state: the outbox alone tells what was sent
+    # the state written at a restart lost: the outbox's journal alone tells what was sent since
+    # its last compaction, acknowledged batches included
     (tmp_path / "state.json").unlink()
     third = EdgeNode(cfg, EDGE, tmp_path)
-    assert third.acted_rounds == [1, 3] and [e.seq for e in third.outbox.pending()] == [1, 3]
-    assert third.outbox.next_seq() == 4
+    assert third.acted_rounds == [1, 2, 3] and [e.seq for e in third.outbox.pending()] == [1, 3]
+    assert third.pool_size == again.pool_size and third.outbox.next_seq() == 4
 
     with pytest.raises(ConfigError, match="belongs to"):
         EdgeNode(RunConfig(run_id="other", seed=3), EDGE, tmp_path)
+
+
+def test_compaction_hands_the_acknowledged_batches_over_to_the_state(cfg, onnx_v1, tmp_path):
+    """Acks are cheap appends; once the journal passes its size limit, the next ack writes
+    state.json and rewrites the journal with the pending batches only. A restart after that
+    knows every round and sample, and the seq continues."""
+    node = EdgeNode(cfg, EDGE, tmp_path)
+    node.on_model(model_msg(onnx_v1, 1))
+    state = tmp_path / "state.json"
+    written = state.stat().st_mtime_ns
+    batches = [node.on_announcement(announce(cfg, r))[0] for r in (1, 2, 3)]
+    assert node.delivered(batches[0]) and node.delivered(batches[1])
+    assert state.stat().st_mtime_ns == written  # no state write per batch
+    journal = tmp_path / "outbox" / "outbox.journal"
+    before = journal.stat().st_size
+    node.outbox.compact_bytes = before - 1
+    b4 = node.on_announcement(announce(cfg, 4))[0]
+    assert node.delivered(b4)  # past the limit: compacted
+    assert journal.stat().st_size < before and [e.seq for e in node.outbox.recorded()] == [3]
+    assert json.loads(state.read_text())["acted_rounds"] == [1, 2, 3, 4]
+
+    again = EdgeNode(cfg, EDGE, tmp_path)
+    assert again.acted_rounds == [1, 2, 3, 4] and again.pool_size == node.pool_size
+    assert [e.msg for e in again.outbox.pending()] == [batches[2]]
+    assert again.outbox.next_seq() == 5
 
 
 def test_without_delivery_tracking_nothing_waits_in_the_outbox(cfg, onnx_v1, tmp_path):
@@ -269,23 +295,26 @@ def test_without_delivery_tracking_nothing_waits_in_the_outbox(cfg, onnx_v1, tmp
 
 
 @pytest.mark.parametrize("durability", ["sync", "async"])
-def test_the_state_file_is_written_when_a_batch_leaves_the_outbox(cfg, onnx_v1, tmp_path, durability):
+def test_the_outbox_journal_records_each_batch_and_its_ack(cfg, onnx_v1, tmp_path, durability):
     node = EdgeNode(cfg, EDGE, tmp_path, durability=durability)
     node.on_model(model_msg(onnx_v1, 1))
+    journal = tmp_path / "outbox" / "outbox.journal"
+    size0 = journal.stat().st_size
     p1 = node.on_announcement(announce(cfg, 1))
     state = json.loads((tmp_path / "state.json").read_text())
-    # between the query and the publish only the outbox entry is written: it records the batch
+    # between the query and the publish only the journal grows: its put record is the batch's record
     assert state["acted_rounds"] == [] and state["sent_ids"] == []
-    assert len(list((tmp_path / "outbox").glob("*.msg"))) == 1
-    restarted = EdgeNode(cfg, EDGE, tmp_path)  # a crash now: the outbox tells what was sent
+    assert journal.stat().st_size > size0 + len(p1[0].payload)
+    restarted = EdgeNode(cfg, EDGE, tmp_path)  # a crash now: the journal tells what was sent
     assert restarted.acted_rounds == [1] and restarted.pool_size == node.pool_size
     assert [e.msg for e in restarted.outbox.pending()] == p1
+    restarted.outbox.close()
 
     node.outbox.sync()
+    size1 = journal.stat().st_size
     assert node.delivered(p1[0])
-    state = json.loads((tmp_path / "state.json").read_text())
-    assert state["acted_rounds"] == [1] and sorted(state["sent_ids"]) == sorted(batch_of(p1).sample_ids)
-    assert state["next_seq"] == 2 and not list((tmp_path / "outbox").glob("*.msg"))
+    assert journal.stat().st_size - size1 < 32  # an ack is a few bytes appended
     again = EdgeNode(cfg, EDGE, tmp_path)
     assert again.acted_rounds == [1] and again.pool_size == node.pool_size and again.outbox.next_seq() == 2
+    assert again.outbox.pending() == [] and [e.msg for e in again.outbox.recorded()] == p1
     assert not node.delivered(p1[0]) and not node.delivered(99)

@@ -15,6 +15,7 @@ import torch
 
 from deploy.broker import EmbeddedBroker, free_port
 from edge.node import EdgeNode
+from edge.outbox import read_outbox
 from edge.service import run_edge
 from kernel.config import RunConfig
 from kernel.errors import ConnectError
@@ -152,7 +153,8 @@ def test_pending_batches_are_resent_after_a_restart(broker, onnx, tmp_path):
     crashed = EdgeNode(cfg, EDGE, tmp_path)
     crashed.on_model(pb.EdgeModel(version=0, onnx=onnx, sha256=sha256_hex(onnx)).SerializeToString())
     (lost,) = crashed.on_announcement(announcement(cfg.run_id, 1))
-    assert len(list((tmp_path / "outbox").glob("*.msg"))) == 1
+    crashed.outbox.close()
+    assert [e.msg for e in read_outbox(tmp_path / "outbox")[0]] == [lost]
 
     peer = Peer(broker.port, [topics.samples(FOG)])
     stop = threading.Event()
@@ -161,9 +163,9 @@ def test_pending_batches_are_resent_after_a_restart(broker, onnx, tmp_path):
         got = peer.next(topics.samples(FOG))
         assert got == lost.payload and batch(got).seq == 1
         deadline = time.monotonic() + 10
-        while list((tmp_path / "outbox").glob("*.msg")) and time.monotonic() < deadline:
+        while read_outbox(tmp_path / "outbox")[0] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not list((tmp_path / "outbox").glob("*.msg"))  # acknowledged -> dropped from disk
+        assert read_outbox(tmp_path / "outbox")[0] == []  # acknowledged -> no longer pending on disk
         stop.set()
         th.join(20)
         assert not th.is_alive() and "error" not in result
@@ -196,19 +198,20 @@ def test_durable_batches_leave_the_outbox_on_the_brokers_ack(broker, onnx, tmp_p
             peer.publish(topics.rounds, announcement(cfg.run_id, r))
             sent.append(batch(peer.next(topics.samples(FOG))))
         assert [(b.round, b.seq) for b in sent] == [(1, 1), (2, 2)]
-        deadline = time.monotonic() + 10  # the PUBACK wakes the edge, which records and drops the entry
-        while time.monotonic() < deadline and (list((tmp_path / "outbox").glob("*.msg")) or
-                                               json.loads((tmp_path / "state.json").read_text())["acted_rounds"] != [1, 2]):
+        deadline = time.monotonic() + 10  # the PUBACK wakes the edge, which appends an ack record
+        while time.monotonic() < deadline and read_outbox(tmp_path / "outbox")[0]:
             time.sleep(0.02)
-        assert not list((tmp_path / "outbox").glob("*.msg"))
-        state = json.loads((tmp_path / "state.json").read_text())
-        assert state["acted_rounds"] == [1, 2] and state["next_seq"] == 3
-        assert sorted(state["sent_ids"]) == sorted(i for b in sent for i in b.sample_ids)
+        pending, recorded = read_outbox(tmp_path / "outbox")
+        assert pending == [] and [batch(e.msg.payload) for e in recorded] == sent
         stop.set()
         th.join(20)
         assert not th.is_alive() and "error" not in result
         node = result["node"]
         assert node.outbox.durability == durability and node.outbox.unsynced == 0 and len(node.outbox) == 0
+        again = EdgeNode(cfg, EDGE, tmp_path)  # what a restart knows: both rounds, every sample, the seq
+        assert again.acted_rounds == [1, 2] and again.outbox.next == 3 and again.pool_size == node.pool_size
+        state = json.loads((tmp_path / "state.json").read_text())  # written by that restart
+        assert sorted(state["sent_ids"]) == sorted(i for b in sent for i in b.sample_ids)
     finally:
         stop.set()
         peer.publish(topics.rounds, b"", retain=True)

@@ -3,6 +3,8 @@ accepted is lost."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -278,13 +280,13 @@ def test_a_fog_that_cannot_store_a_batch_leaves_it_unacknowledged_and_stops(cfg,
     good = pb.SampleBatch(edge_id="fog-0.edge-0", fog_id="fog-0", seq=1, round=1, x=tensor_to_pb("x", node.ds.x[:3]),
                           y=[1, 2, 3]).SerializeToString()
     svc._on_samples("t", b"\xff not protobuf")  # rejected, returns: acknowledged by the link
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("x")
-    fog.pool.dir = blocker  # every write below it fails with an OSError
-    with pytest.raises(Undelivered, match="pool write failed"):
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC, as on a full disk
+    os.dup2(full, fog.pool.journal._fd)
+    os.close(full)
+    with pytest.raises(Undelivered, match="pool write failed: No space left"):
         svc._on_samples("t", good)
     assert len(fog.pool) == 0 and not svc.stop.is_set()
-    svc.link.on_undelivered("t", "pool write failed: Not a directory")
+    svc.link.on_undelivered("t", "pool write failed: No space left on device")
     assert svc.stop.is_set() and isinstance(svc.fatal, StorageError)
     assert "fog-0 cannot store sample batches" in str(svc.fatal) and "\n" not in str(svc.fatal)
     svc.cloud.close()
