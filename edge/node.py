@@ -153,7 +153,7 @@ class EdgeNode:
         except ModelError as exc:
             return self._reject("model", f"EdgeModel v{msg.version}: {exc}")
         self.model, self.model_version, self.model_sha = clf, int(msg.version), digest
-        log.info("%s: model v%d loaded (%s, %d bytes)", self.edge_id, msg.version, msg.arch or "?", len(msg.onnx))
+        log.debug("%s: model v%d loaded (%s, %d bytes)", self.edge_id, msg.version, msg.arch or "?", len(msg.onnx))
         return self._resume()
 
     def on_announcement(self, payload: bytes) -> list[Publish]:
@@ -186,7 +186,7 @@ class EdgeNode:
             return self._reject("announcement", f"round {ann.round}: {exc}")
         self._pending = ann
         if self.model is None or self.model_version < ann.model_version:
-            log.info("%s: round %d waits for model v%d (have v%d)", self.edge_id, ann.round, ann.model_version,
+            log.debug("%s: round %d waits for model v%d (have v%d)", self.edge_id, ann.round, ann.model_version,
                      self.model_version)
         return self._resume()
 

@@ -72,7 +72,7 @@ class _Sender:
                     del self.inflight[entry.seq]
                     self.node.delivered(entry.seq)
                     self.delivered += 1
-                    log.info("%s: batch seq %d acknowledged by the broker", self.node.edge_id, entry.seq)
+                    log.debug("%s: batch seq %d acknowledged by the broker", self.node.edge_id, entry.seq)
                     continue
                 if now - at < self.resend_s:
                     continue

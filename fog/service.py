@@ -194,7 +194,7 @@ class FogService:
         up_header, up_payload = self.node.train()
         ack = self.cloud.upload(up_header, up_payload)
         if ack.accepted:
-            log.info("%s round %d: update accepted (%d bytes)", self.node.fog_id, ann.round, len(up_payload))
+            log.debug("%s round %d: update accepted (%d bytes)", self.node.fog_id, ann.round, len(up_payload))
         else:
             log.error("%s round %d: update rejected by the cloud: %s", self.node.fog_id, ann.round, ack.reason)
 

@@ -9,6 +9,14 @@ for both, and so is the ratio this benchmark printed before (networked ``wall_s`
 ``run_round``), which mixed the two. Round 1 (ONNX sessions, modAL and exporters warming up in
 every process) is excluded; medians of rounds 2..N. Target: networked <= 1.5x in-process.
 
+Each run has 24 rounds; the target is judged, as before, on rounds 2..8. Rounds 9..24 are
+reported beside it as the *steady state*: a node process runs its per-round Python code only once
+a round (the in-process engine runs each edge's four times), so the networked nodes take about
+ten rounds to warm up (an edge's model load + query: ~3.2 ms in round 2, ~2.0 ms from round 15;
+in-process ~1.9 then ~1.3 ms). The pool, and so the training, grows with the rounds in both
+engines, and the networked fogs train in parallel: the steady-state ratio is lower for that
+reason too.
+
 One networked run and one in-process run make a pair; the benchmark runs ``repeats`` pairs one
 after the other (3 by default, 1 with ``--quick``) and takes the medians over every pair's
 rounds, so that a burst of load on the machine during one run moves the result less. Each pair's
@@ -85,7 +93,7 @@ def _inprocess_pair(cfg, tmp: Path) -> tuple[list[float], list[float]]:
 
 
 def run_bench(quick: bool = False, overrides: list[str] | None = None, repeats: int | None = None) -> dict:
-    rounds = 4 if quick else 8
+    rounds, early = (6, 4) if quick else (24, 8)
     repeats = repeats or (1 if quick else 3)
     cfg = load_config([CONFIG_DIR / "default.yaml", CONFIG_DIR / "small.yaml"], [f"rounds={rounds}", *(overrides or [])],
                       use_env=False)
@@ -95,12 +103,16 @@ def run_bench(quick: bool = False, overrides: list[str] | None = None, repeats: 
         with tempfile.TemporaryDirectory() as net_dir, tempfile.TemporaryDirectory() as inp_dir:
             net_period, net_wall, net_total, broker_name = _network_pair(cfg, Path(net_dir))
             inp_period, inp_wall = _inprocess_pair(cfg, Path(inp_dir))
-        pairs.append({"network_period": net_period, "inprocess_period": inp_period[1:], "network_wall": net_wall[1:],
-                      "inprocess_wall": inp_wall[1:], "net_total": net_total, "net_round1": net_wall[0],
-                      "inp_round1": inp_period[0]})
+        # net_period[i] is round i + 2's period; inp_period[i] round i + 1's
+        pairs.append({"network_period": net_period[:early - 1], "inprocess_period": inp_period[1:early],
+                      "network_wall": net_wall[1:early], "inprocess_wall": inp_wall[1:early],
+                      "network_steady": net_period[early - 1:], "inprocess_steady": inp_period[early:],
+                      "net_total": net_total, "net_round1": net_wall[0], "inp_round1": inp_period[0]})
     load_after = os.getloadavg()
     med = {k: statistics.median([v for p in pairs for v in p[k]])
-           for k in ("network_period", "inprocess_period", "network_wall", "inprocess_wall")}
+           for k in ("network_period", "inprocess_period", "network_wall", "inprocess_wall", "network_steady",
+                     "inprocess_steady")}
+    ratio_steady = med["network_steady"] / med["inprocess_steady"]
     ratio = med["network_period"] / med["inprocess_period"]
     ratio_wall = med["network_wall"] / med["inprocess_wall"]
     ratio_old = med["network_wall"] / med["inprocess_period"]
@@ -109,6 +121,8 @@ def run_bench(quick: bool = False, overrides: list[str] | None = None, repeats: 
     first = pairs[0]
     return {
         "rounds": rounds,
+        "rounds_judged": f"2..{early}",
+        "rounds_steady": f"{early + 1}..{rounds}",
         "repeats": repeats,
         "broker": broker_name,
         "load_avg_1m": [round(load_before[0], 2), round(load_after[0], 2)],
@@ -116,18 +130,23 @@ def run_bench(quick: bool = False, overrides: list[str] | None = None, repeats: 
         "inprocess_period_ms": [_ms(p["inprocess_period"]) for p in pairs],
         "network_wall_ms": [_ms(p["network_wall"]) for p in pairs],
         "inprocess_wall_ms": [_ms(p["inprocess_wall"]) for p in pairs],
+        "network_steady_ms": [_ms(p["network_steady"]) for p in pairs],
+        "inprocess_steady_ms": [_ms(p["inprocess_steady"]) for p in pairs],
+        "ratio_steady": round(ratio_steady, 3),
         "network_total_s": [round(p["net_total"], 2) for p in pairs],
         "median_ms": {k: round(v * 1000, 1) for k, v in med.items()},
         "ratio": round(ratio, 3),
         "ratio_per_pair": per_pair,
         "ratio_cloud_wall": round(ratio_wall, 3),
         "ratio_previous_definition": round(ratio_old, 3),
-        "target": "network round period <= 1.5x in-process round period (medians of rounds 2..N over all pairs)",
+        "target": f"network round period <= 1.5x in-process round period (medians of rounds 2..{early} over all pairs)",
         "pass": ratio <= 1.5,
         "summary": f"[{broker_name.split()[-1]}, load {load_before[0]:.1f}, {repeats} pair(s)] networked round "
                    f"{med['network_period'] * 1000:.0f} ms vs in-process {med['inprocess_period'] * 1000:.0f} ms: "
                    f"{ratio:.2f}x (pairs {', '.join(f'{r:.2f}' for r in per_pair)}; cloud wall_s "
-                   f"{med['network_wall'] * 1000:.0f} vs {med['inprocess_wall'] * 1000:.0f} ms: {ratio_wall:.2f}x; "
+                   f"{med['network_wall'] * 1000:.0f} vs {med['inprocess_wall'] * 1000:.0f} ms: {ratio_wall:.2f}x; steady state, "
+                   f"rounds {early + 1}..{rounds}: {med['network_steady'] * 1000:.0f} vs "
+                   f"{med['inprocess_steady'] * 1000:.0f} ms, {ratio_steady:.2f}x; "
                    f"round 1: {first['net_round1']:.2f}s vs {first['inp_round1']:.2f}s)",
     }
 
