@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from fog.node import FogNode
+from fog.trainer import preload
 from kernel.config import RunConfig
 from kernel.errors import ConnectError, StorageError
 from kernel.mqtt import MqttLink, Undelivered
@@ -207,6 +208,7 @@ class FogService:
 def run_fog(cfg: RunConfig, fog_id: str, cloud_address: str, state_dir: Path | str | None = None,
             truth_dir: Path | str | None = None, stop: threading.Event | None = None) -> FogNode:
     node = FogNode(cfg, fog_id, state_dir=state_dir, truth_dir=truth_dir)
+    log.debug("%s: torch's lazy imports took %.2fs", fog_id, preload())  # before it reports online
     svc = FogService(cfg, node, cloud_address, stop)
     try:
         svc.run()

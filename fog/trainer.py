@@ -92,3 +92,17 @@ def local_update(
                          momentum=cfg.momentum if cfg.optimizer == "sgd" else 0.0, prox_mu=cfg.prox_mu,
                          shuffle=cfg.shuffle)
     return LocalResult(update, hp, total / max(seen, 1), n)
+
+
+def preload() -> float:
+    """Pay torch's lazy imports now rather than in the first round: the first optimizer a process
+    makes imports ``torch._dynamo`` (~1 s of CPU here), which otherwise stalls round 1 in every fog
+    while the cloud and the edges wait. One SGD step on a one-sample MLP. Returns the seconds it took."""
+    import time
+
+    t0 = time.perf_counter()
+    spec = {"arch": "mlp", "in_shape": [1, 2, 2], "num_classes": 2, "hidden": 2}
+    served = get_params(build_model(spec, seed=0))
+    local_update(spec, served, np.zeros((1, 1, 2, 2), np.float32), np.zeros(1, np.int64),
+                 TrainConfig(local_epochs=1, batch_size=1))
+    return time.perf_counter() - t0
