@@ -98,10 +98,48 @@ def tensor_from_pb(t: pb.Tensor) -> np.ndarray:
     return _array(t.name, t.shape, t.dtype, data, 0, len(data), copy=True)
 
 
+ALIGN = 64  # where encode_tensors puts each tensor's data: a multiple of this from the payload's start
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """Serialize named arrays (order kept) into TensorSet bytes."""
-    ts = pb.TensorSet(tensors=[tensor_to_pb(k, v) for k, v in tensors.items()])
-    return ts.SerializeToString()
+    """Serialize named arrays (order kept) into TensorSet bytes, each tensor's data starting at a
+    multiple of :data:`ALIGN` bytes from the start.
+
+    Each ``Tensor`` is written as protobuf would (name, shape, dtype), then a ``pad`` field of
+    zeros, then ``data``: any protobuf parser reads it (fields may come in any order), and a
+    receiver's views of the data are aligned for every dtype wherever its buffer is 64-byte
+    aligned (and for float32 in a gRPC message buffer), so NaN/inf checks and reductions run on
+    aligned memory (an unaligned float32 min/max reduction is ~2.5x slower here: numpy copies
+    it through a buffer) and decoding need not copy to align. At most ``ALIGN + 1`` bytes per tensor."""
+    parts: list[bytes | memoryview] = []
+    pos = 0
+    for name, value in tensors.items():
+        arr = np.asarray(value)  # not ascontiguousarray: it turns a 0-d array into shape (1,)
+        if arr.dtype.name not in _ALLOWED_DTYPES:
+            raise WireError(f"tensor {name!r}: dtype {arr.dtype.name} is not supported on the wire")
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        arr = np.ascontiguousarray(arr) if arr.ndim else arr.reshape(1).copy()
+        head = pb.Tensor(name=name, shape=list(np.shape(value)), dtype=arr.dtype.name).SerializeToString()
+        data_key = b"\x22" + _varint(arr.nbytes)
+        for k in range(-1, ALIGN):  # -1: no pad field at all
+            pad = b"" if k < 0 else b"\x2a" + _varint(k) + bytes(k)
+            body = len(head) + len(pad) + len(data_key) + arr.nbytes
+            outer = b"\x0a" + _varint(body)
+            if (pos + len(outer) + len(head) + len(pad) + len(data_key)) % ALIGN == 0:
+                break
+        parts += [outer, head, pad, data_key, memoryview(arr.reshape(-1)).cast("B") if arr.size else b""]
+        pos += len(outer) + body
+    return b"".join(parts)
 
 
 def decode_tensors(payload: bytes | memoryview | ChunkedPayload, *, copy: bool = True,
@@ -176,7 +214,8 @@ def _tensor_header(buf: bytes | memoryview, pos: int, end: int,
                    avail: int) -> tuple[str, list[int], str, int, int, int] | None:
     """The ``Tensor`` message at ``pos`` of a TensorSet of ``end`` bytes, ``avail`` of them at hand,
     in the canonical encoding (what protobuf serializes: fields in number order, each at most once,
-    shape packed; ``data`` is the last field): (name, shape, dtype, data offset, data length, end of
+    shape packed; ``data`` is the last field, optionally preceded by ``pad``, as
+    :func:`encode_tensors` writes it): (name, shape, dtype, data offset, data length, end of
     the message). None if the encoding is not the canonical one; :class:`_Short` if the header
     (everything before the data) is not all at hand yet. ValueError / UnicodeDecodeError on garbage."""
     if pos >= avail:
@@ -195,14 +234,25 @@ def _tensor_header(buf: bytes | memoryview, pos: int, end: int,
             raise _Short
         tag = buf[pos]
         field, wire = tag >> 3, tag & 7
-        if wire != 2 or not 1 <= field <= 4 or field <= last_field:
+        if wire != 2 or not 1 <= field <= 5:
+            return None
+        if field == 5:  # pad: once, after name/shape/dtype and right before the data
+            ok = last_field < 4
+        elif field == 4:  # data: last
+            ok = last_field != 4
+        else:
+            ok = last_field < field
+        if not ok:
             return None
         last_field = field
         length, pos = read_varint(buf, pos + 1, stop, avail)
         nxt = pos + length
         if nxt > stop:
             return None
-        if field == 4:
+        if field == 5:
+            if nxt > avail:
+                raise _Short
+        elif field == 4:
             data_at, data_len = pos, length  # the data need not be at hand
         elif nxt > avail:
             raise _Short
@@ -439,12 +489,7 @@ def iter_chunks(header: pb.Chunk, payload: bytes | memoryview, chunk_size: int =
 
 
 def _data_prefix(n: int) -> bytes:
-    out = bytearray((_DATA_TAG,))
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return bytes((_DATA_TAG,)) + _varint(n)
 
 
 def encode_data_chunk(piece: bytes | memoryview) -> bytes:

@@ -12,7 +12,9 @@ import pytest
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import (
+    ALIGN,
     CHUNK_SIZE,
+    _scan_tensor_set,
     assemble_chunks,
     decode_tensors,
     encode_tensors,
@@ -70,6 +72,52 @@ def test_roundtrip_keeps_values_dtypes_shapes_and_order():
         assert b.dtype == a.dtype.newbyteorder("="), name
         np.testing.assert_array_equal(b, a, err_msg=name)
         assert b.flags.writeable and b.flags.c_contiguous, name  # callers own the array
+
+
+def test_each_tensors_data_starts_aligned_and_any_protobuf_parser_reads_the_same():
+    rng = np.random.default_rng(2)
+    src = dict(_mixed_tensors())
+    for n in (1, 2, 3, 60, 61, 62, 63, 64, 65, 127, 128, 129, 200):  # name lengths move the header around
+        src["n" * n] = rng.normal(size=int(rng.integers(0, 300))).astype(np.float32)
+    payload = encode_tensors(src)
+    spans = _scan_tensor_set(payload)
+    assert spans is not None and [s[0] for s in spans] == list(src)
+    assert all(offset % ALIGN == 0 for _, _, _, offset, _ in spans)
+    assert len(payload) - sum(s[4] for s in spans) <= sum(len(k) + 30 + ALIGN for k in src)  # the overhead
+    parsed = pb.TensorSet()
+    parsed.ParseFromString(payload)  # protobuf's own parser: the pad field is read and ignored
+    for t, (name, a) in zip(parsed.tensors, src.items(), strict=True):
+        assert t.name == name and list(t.shape) == list(a.shape)
+        np.testing.assert_array_equal(tensor_from_pb(t), a, err_msg=name)
+    # in a 64-byte aligned buffer every tensor is an aligned view: nothing to copy
+    buf = np.empty(len(payload) + ALIGN, np.uint8)
+    start = (-buf.ctypes.data) % ALIGN
+    buf[start:start + len(payload)] = np.frombuffer(payload, np.uint8)
+    views = decode_tensors(memoryview(buf[start:start + len(payload)]), copy=False)
+    for name, a in src.items():
+        v = views[name]
+        np.testing.assert_array_equal(v, a, err_msg=name)
+        if v.size and v.dtype == a.dtype:
+            assert v.flags.aligned and np.shares_memory(v, buf), name
+
+
+def test_payloads_without_pad_as_fogfl_02_wrote_them_still_decode_in_place():
+    src = _mixed_tensors()
+    old = pb.TensorSet(tensors=[tensor_to_pb(k, v) for k, v in src.items()]).SerializeToString()
+    assert _scan_tensor_set(old) is not None
+    for name, a in decode_tensors(old).items():
+        np.testing.assert_array_equal(a, src[name], err_msg=name)
+
+
+def test_a_pad_field_elsewhere_is_read_by_the_full_parser_with_the_same_values():
+    data = np.arange(4, dtype=np.float32).tobytes()
+    head = b"\x0a\x01w" + b"\x12\x01\x04" + b"\x1a\x07float32"
+    for body in (head + b"\x22\x10" + data + b"\x2a\x02\0\0",  # pad after the data
+                 head + b"\x2a\x01\0" + b"\x2a\x01\0" + b"\x22\x10" + data,  # pad twice
+                 b"\x2a\x01\0" + head + b"\x22\x10" + data):  # pad first
+        payload = b"\x0a" + bytes([len(body)]) + body
+        assert _scan_tensor_set(payload) is None  # not the canonical layout
+        np.testing.assert_array_equal(decode_tensors(payload)["w"], [0, 1, 2, 3])
 
 
 def test_decoded_array_does_not_alias_the_payload():
