@@ -92,8 +92,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune_malloc() -> None:
+    """The cloud, fogs and the tap move models over gRPC: keep its buffers for reuse
+    (:func:`kernel.rpc.tune_malloc`)."""
+    from kernel.rpc import tune_malloc as tune
+
+    tune()
+
+
 def cmd_cloud(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    tune_malloc()
     if args.port is not None:
         cfg.cloud.port = args.port
     from cloud.service import run_cloud
@@ -128,6 +137,7 @@ def cmd_fog(args: argparse.Namespace) -> int:
     if args.id not in cfg.fog_ids():
         raise ConfigError(f"--id {args.id!r} is not a fog of this topology ({cfg.topology.fogs} fogs: fog-0 …)")
     host, port = parse_hostport(args.cloud, "--cloud")
+    tune_malloc()
     from fog.service import run_fog
 
     run_fog(cfg, args.id, f"{host}:{port}", state_dir=args.state, truth_dir=args.truth, stop=_stop_on_signals())
@@ -158,6 +168,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
 def cmd_tap(args: argparse.Namespace) -> int:
     from attacks.taps import run_tap
+
+    tune_malloc()
 
     listen = parse_hostport(args.listen, "--listen")
     upstream = parse_hostport(args.upstream, "--upstream")

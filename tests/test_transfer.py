@@ -98,6 +98,21 @@ def test_fast_client_round_trip_through_the_cloud_server(node, fast_server):
         client.close()
 
 
+def test_with_malloc_tuned_as_node_processes_do_transfers_still_round_trip(node, fast_server):
+    import platform
+
+    from kernel.rpc import tune_malloc
+
+    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")  # glibc accepted both thresholds
+    client = CloudClient(f"127.0.0.1:{fast_server}")
+    try:
+        client.wait_ready(10)
+        for _ in range(2):  # the second transfer runs on buffers the first one freed
+            _round_trip(node, lambda: client.download("fog-0", node.round_no), client.upload)
+    finally:
+        client.close()
+
+
 def test_generated_stub_client_round_trip_through_the_cloud_server(node, fast_server):
     channel = grpc.insecure_channel(f"127.0.0.1:{fast_server}")
     stub = pb_grpc.AggregatorStub(channel)

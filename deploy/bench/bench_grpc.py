@@ -9,7 +9,8 @@ clients (the fog's ``CloudClient`` and a bare client that only counts what it re
 process both ends would share one interpreter lock, a handicap no deployment has. The child times
 each operation (wall clock, and its own CPU); the server's CPU is this process's. Operations are
 interleaved within each repetition (the order alternates), so load changes hit both sides alike.
-The upload is timed until the ack, i.e. it includes the cloud's checks and admission of the update
+Both processes tune malloc as the cloud and fog processes do (``kernel.rpc.tune_malloc``); the
+bare ends share those processes. The upload is timed until the ack, i.e. it includes the cloud's checks and admission of the update
 (the fold-in runs after the ack on the cloud's fold worker, and ``finish_round`` waits for it)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,8 +66,10 @@ def _bare_server(payload: bytes):
 def _client_main(cloud_port: int, bare_port: int) -> int:
     """The child: reads one command per line on stdin, answers one JSON line on stdout."""
     from fog.service import CloudClient
+    from kernel.rpc import tune_malloc
     from protos import fogfl_pb2 as pb
 
+    tune_malloc()  # as `fogfl fog` does; the bare client shares this process
     client = CloudClient(f"127.0.0.1:{cloud_port}")
     client.wait_ready(30)
     ch = grpc.insecure_channel(f"127.0.0.1:{bare_port}")
@@ -118,6 +122,9 @@ def run(quick: bool = False) -> dict:
     from cloud.node import CloudNode
     from cloud.service import AggregatorServicer, start_grpc_server
     from kernel.config import build_config
+    from kernel.rpc import tune_malloc
+
+    malloc_tuned = tune_malloc()  # as `fogfl cloud` does; the bare server shares this process
 
     hidden = 1600 if quick else 16000  # mnist 784 -> hidden -> 10: 12.7 M params = 50.9 MB at 16 000
     cfg = build_config([], [("data.dataset", "mnist5k"), ("model.hidden", hidden), ("cloud.warm_start.per_class", 0),
@@ -176,6 +183,8 @@ def run(quick: bool = False) -> dict:
         child.stdin.write("quit\n")
         child.stdin.flush()
         child.wait(30)
+        rss_mib = {"server_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "client_process": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     finally:
         if child.poll() is None:
             child.kill()
@@ -199,6 +208,8 @@ def run(quick: bool = False) -> dict:
                        "upload_vs_bare": round(cpu_ms["bare_up"] / cpu_ms["up"], 3)},
         "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
         "cpus": os.cpu_count(),
+        "malloc_tuned": malloc_tuned,
+        "peak_rss_mib": {k: round(v) for k, v in rss_mib.items()},
         "target": ">= 0.80 of the bare 1 MiB-chunk stream, both directions",
         "pass": ok,
         "summary": f"{mb:.0f} MB model: download {ratio_down:.2f}x, upload {ratio_up:.2f}x of bare gRPC "
