@@ -200,8 +200,12 @@ class EdgeNode:
             return False
         if self.outbox.needs_compaction:
             # the journal's records of acknowledged batches are about to go: the state takes them over
-            self._save_state()
-            self.outbox.compact(counter_saved=self.state_dir is not None)  # next_seq is in the state
+            try:
+                self._save_state()
+                self.outbox.compact(counter_saved=self.state_dir is not None)  # next_seq is in the state
+            except OSError as exc:  # a full disk: the journal keeps everything; compaction is tried again
+                log.warning("%s: could not compact the outbox (%s); will try again at the next ack", self.edge_id,
+                            exc.strerror or exc)
         return True
 
     def preload(self, onnx: bytes, version: int = 0, source: str = "file") -> None:

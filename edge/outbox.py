@@ -258,7 +258,11 @@ class Outbox:
             entry = self._entries.pop(seq, None)
             self._unsynced.discard(seq)  # the broker has it: no need to sync it any more
             if entry is not None and self._journal is not None:
-                self._journal.append(_ACK + _SEQ.pack(seq), sync=False)
+                try:
+                    self._journal.append(_ACK + _SEQ.pack(seq), sync=False)
+                except OSError as exc:  # a full disk: after a restart the message goes again, a duplicate
+                    log.warning("outbox %s: could not record the ack of seq %d (%s); it will be sent again "
+                                "after a restart", self.directory, seq, exc.strerror or exc)
             return entry is not None
 
     def recorded(self) -> list[Entry]:

@@ -157,3 +157,19 @@ def test_unknown_durability_is_a_config_error(tmp_path):
     assert build_config([], [("edge.durability", "async")], use_env=False).edge.durability == "async"
     with pytest.raises(ConfigError):
         build_config([], [("edge.durability", "eventually")], use_env=False)
+
+
+def test_an_ack_that_cannot_be_written_still_clears_the_entry_and_costs_only_a_resend(tmp_path):
+    import os
+
+    box = Outbox(tmp_path)
+    box.put(box.next_seq(), msg(1))
+    full = os.open("/dev/full", os.O_WRONLY)  # every write now fails with ENOSPC, as on a full disk
+    saved = os.dup(box._journal._fd)
+    os.dup2(full, box._journal._fd)
+    os.close(full)
+    assert box.ack(1) and len(box) == 0  # the broker has it: not pending here any more
+    os.dup2(saved, box._journal._fd)
+    os.close(saved)
+    box.close()
+    assert [e.seq for e in Outbox(tmp_path).pending()] == [1]  # after a restart it goes again
