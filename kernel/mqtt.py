@@ -2,7 +2,9 @@
 
 - Always ``CallbackAPIVersion.VERSION2``, MQTT 3.1.1 (the embedded amqtt broker speaks no 5.0).
 - Last will ``offline`` on the node's status topic; ``online`` (retained) once connected.
-- ``connect()`` fails fast with a one-line :class:`ConnectError` when the broker is unreachable.
+- ``connect()`` fails fast with a one-line :class:`ConnectError` when the broker is unreachable,
+  and returns once the broker confirmed the subscriptions (SUBACK), so a message published right
+  after it returns is delivered (a fresh session has no subscription until then).
 - Handlers run on paho's network thread; a handler that raises is logged and counted, and the
   link keeps running (a bad message never takes a node down).
 - TCP_NODELAY on the socket: the messages of a round are small and each waits on the one before
@@ -59,7 +61,8 @@ class MqttLink:
         self.undelivered = 0
         self.status_topic = status_topic
         self._handlers: list[tuple[str, Handler]] = []
-        self._connected = threading.Event()
+        self._connected = threading.Event()  # set once the broker confirmed the subscriptions
+        self._suback_mid: int | None = None
         self._errors = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -73,6 +76,7 @@ class MqttLink:
         c.on_message = self._on_message
         c.on_socket_open = _no_delay
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         c.manual_ack_set(manual_ack)
         c.max_inflight_messages_set(100)
         c.max_queued_messages_set(0)
@@ -155,10 +159,23 @@ class MqttLink:
         if reason_code.is_failure:
             log.error("%s: broker refused the connection: %s", self.client_id, reason_code)
             return
-        for topic, _ in self._handlers:
-            client.subscribe(topic, qos=1)
         if self.status_topic:
             client.publish(self.status_topic, b"online", qos=1, retain=True)
+        topics = [(topic, 1) for topic, _ in self._handlers]
+        if not topics:
+            self._connected.set()
+            return
+        # connected means subscribed: a message published right after connect() returns must
+        # find the subscription (a fresh session has none until the broker's SUBACK)
+        _, self._suback_mid = client.subscribe(topics)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._suback_mid:
+            return
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("%s: the broker refused %d subscription(s): %s", self.client_id, len(refused),
+                      ", ".join(refused))
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
