@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from kernel.rpc import start_server
+from kernel.runtime import settle_heap
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.capture import build_capture, write_capture
@@ -151,6 +152,7 @@ def start_tap(listen: tuple[str, int], upstream: tuple[str, int], out_dir: Path 
 def run_tap(listen: tuple[str, int], upstream: tuple[str, int], out_dir: Path | str,
             stop: threading.Event | None = None) -> None:
     server, _, proxy = start_tap(listen, upstream, out_dir)
+    settle_heap()
     stop = stop or threading.Event()
     try:
         stop.wait()

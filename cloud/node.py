@@ -136,6 +136,11 @@ class CloudNode:
         self._payload = encode_tensors(self.params)
         self._payload_digest = payload_digest(self._payload)  # once per version, not per download
         self.strategy = make_strategy(cfg.cloud, cfg.train)
+        if self.out_dir is not None:
+            # checkpoints export ONNX by splicing weights into a graph traced once per process:
+            # trace it now, not in the checkpoint thread, where the first trace (torch.onnx's
+            # imports, ~1 s of CPU) held the GIL through rounds 1-3 and stalled the gRPC server
+            exporter_for(self.arch_json)
         self.initial_accuracy, self.initial_loss = self.evaluate()
         log.info("cloud ready: %s, %d params, initial accuracy %.3f", self.spec["arch"],
                  sum(v.size for v in self.params.values()), self.initial_accuracy)

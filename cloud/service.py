@@ -16,6 +16,7 @@ from kernel.config import RunConfig
 from kernel.errors import ConnectError
 from kernel.mqtt import MqttLink, wait_until
 from kernel.rpc import start_server
+from kernel.runtime import settle_heap
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import (
@@ -194,6 +195,7 @@ def run_cloud(cfg: RunConfig, out_dir: Path | str, stop: threading.Event | None 
               observers=None, serve_transform=None) -> CloudNode:
     node = CloudNode(cfg, out_dir=out_dir, observers=observers, serve_transform=serve_transform)
     svc = CloudService(cfg, node, stop)
+    settle_heap()  # before it goes online (kernel.runtime: no full-collection stalls mid-run)
     svc.start()
     try:
         svc.run()

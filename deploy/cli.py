@@ -75,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from deploy.launcher import run
 
     cfg = config_from_args(args)
+    own_process()  # the launcher; with --engine inprocess, the whole federation
     return run(cfg, out=args.out, engine=args.engine, attack=not args.no_attack, quiet=args.quiet,
                timeout=args.timeout)
 
@@ -92,17 +93,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def tune_malloc() -> None:
-    """The cloud, fogs and the tap move models over gRPC: keep its buffers for reuse
-    (:func:`kernel.rpc.tune_malloc`)."""
-    from kernel.rpc import tune_malloc as tune
+def own_process(grpc_transfers: bool = False) -> None:
+    """This process runs one node: its heap is settled before it goes online, and the tiers that
+    move models over gRPC (cloud, fog, tap) keep gRPC's buffers for reuse (:mod:`kernel.runtime`)."""
+    from kernel.runtime import own_process as own
 
-    tune()
+    own(malloc=grpc_transfers)
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    tune_malloc()
+    own_process(grpc_transfers=True)
     if args.port is not None:
         cfg.cloud.port = args.port
     from cloud.service import run_cloud
@@ -137,7 +138,7 @@ def cmd_fog(args: argparse.Namespace) -> int:
     if args.id not in cfg.fog_ids():
         raise ConfigError(f"--id {args.id!r} is not a fog of this topology ({cfg.topology.fogs} fogs: fog-0 …)")
     host, port = parse_hostport(args.cloud, "--cloud")
-    tune_malloc()
+    own_process(grpc_transfers=True)
     from fog.service import run_fog
 
     run_fog(cfg, args.id, f"{host}:{port}", state_dir=args.state, truth_dir=args.truth, stop=_stop_on_signals())
@@ -147,6 +148,7 @@ def cmd_fog(args: argparse.Namespace) -> int:
 def cmd_edge(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.edge_index(args.id)  # validates the id against the topology
+    own_process()
     from edge.service import run_edge
 
     initial = None
@@ -169,7 +171,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
 def cmd_tap(args: argparse.Namespace) -> int:
     from attacks.taps import run_tap
 
-    tune_malloc()
+    own_process(grpc_transfers=True)
 
     listen = parse_hostport(args.listen, "--listen")
     upstream = parse_hostport(args.upstream, "--upstream")

@@ -22,6 +22,7 @@ from cloud.node import CloudNode
 from edge.node import EdgeNode
 from fog.node import FogNode
 from kernel.config import RunConfig, dump_config
+from kernel.runtime import settle_heap
 from protos.control import RoundMetrics
 from protos.envelope import Publish
 from protos.topics import Topics
@@ -136,6 +137,7 @@ def run_inprocess(cfg: RunConfig, out_dir: Path | str, capture: bool = False, pr
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     engine = InProcessEngine(cfg, out, capture=capture)
+    settle_heap()  # as every node process of the networked run does before going online
     engine.run(progress=progress)
     engine.cloud.flush()
     engine.cloud.write_metrics()

@@ -27,6 +27,7 @@ from deploy.broker import free_port
 from kernel.config import RunConfig, dump_config
 from kernel.errors import ConnectError, FogflError
 from kernel.mqtt import MqttLink
+from kernel.runtime import settle_heap
 from protos.control import RoundMetrics
 from protos.errors import WireError
 from protos.topics import Topics
@@ -261,6 +262,7 @@ def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack:
         net = NetworkRun(cfg, run_dir, attack)
         try:
             net.start()
+            settle_heap()  # this process times the rounds: no full collection in the middle of one
             net.follow(timeout, quiet)
         finally:
             net.stop()

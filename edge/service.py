@@ -32,6 +32,7 @@ from edge.labeler import Labeler
 from edge.node import EdgeNode
 from kernel.config import RunConfig
 from kernel.mqtt import MqttLink
+from kernel.runtime import settle_heap
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def run_edge(
     node = EdgeNode(cfg, edge_id, state_dir, labeler=labeler, durability=cfg.edge.durability)
     if initial_model is not None:
         node.preload(initial_model[0], source=initial_model[1])
+    settle_heap()  # before it goes online (kernel.runtime: no full-collection stalls mid-run)
     topics = node.topics
     model_topic = topics.edge_model(node.fog_id)
     inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()  # None: the broker acknowledged something

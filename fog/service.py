@@ -15,6 +15,7 @@ from fog.trainer import preload
 from kernel.config import RunConfig
 from kernel.errors import ConnectError, StorageError
 from kernel.mqtt import MqttLink, Undelivered
+from kernel.runtime import settle_heap
 from protos import fogfl_pb2 as pb
 from protos import fogfl_pb2_grpc as pb_grpc
 from protos.codec import (
@@ -209,6 +210,7 @@ def run_fog(cfg: RunConfig, fog_id: str, cloud_address: str, state_dir: Path | s
             truth_dir: Path | str | None = None, stop: threading.Event | None = None) -> FogNode:
     node = FogNode(cfg, fog_id, state_dir=state_dir, truth_dir=truth_dir)
     log.debug("%s: torch's lazy imports took %.2fs", fog_id, preload())  # before it reports online
+    settle_heap()  # then the heap (kernel.runtime: no full-collection stalls mid-run)
     svc = FogService(cfg, node, cloud_address, stop)
     try:
         svc.run()

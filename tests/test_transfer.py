@@ -101,7 +101,7 @@ def test_fast_client_round_trip_through_the_cloud_server(node, fast_server):
 def test_with_malloc_tuned_as_node_processes_do_transfers_still_round_trip(node, fast_server):
     import platform
 
-    from kernel.rpc import tune_malloc
+    from kernel.runtime import tune_malloc
 
     assert tune_malloc() is (platform.libc_ver()[0] == "glibc")  # glibc accepted both thresholds
     client = CloudClient(f"127.0.0.1:{fast_server}")

@@ -9,7 +9,7 @@ clients (the fog's ``CloudClient`` and a bare client that only counts what it re
 process both ends would share one interpreter lock, a handicap no deployment has. The child times
 each operation (wall clock, and its own CPU); the server's CPU is this process's. Operations are
 interleaved within each repetition (the order alternates), so load changes hit both sides alike.
-Both processes tune malloc as the cloud and fog processes do (``kernel.rpc.tune_malloc``); the
+Both processes tune malloc as the cloud and fog processes do (``kernel.runtime.tune_malloc``); the
 bare ends share those processes. The upload is timed until the ack, i.e. it includes the cloud's checks and admission of the update
 (the fold-in runs after the ack on the cloud's fold worker, and ``finish_round`` waits for it)."""
 
@@ -66,7 +66,7 @@ def _bare_server(payload: bytes):
 def _client_main(cloud_port: int, bare_port: int) -> int:
     """The child: reads one command per line on stdin, answers one JSON line on stdout."""
     from fog.service import CloudClient
-    from kernel.rpc import tune_malloc
+    from kernel.runtime import tune_malloc
     from protos import fogfl_pb2 as pb
 
     tune_malloc()  # as `fogfl fog` does; the bare client shares this process
@@ -122,7 +122,7 @@ def run(quick: bool = False) -> dict:
     from cloud.node import CloudNode
     from cloud.service import AggregatorServicer, start_grpc_server
     from kernel.config import build_config
-    from kernel.rpc import tune_malloc
+    from kernel.runtime import tune_malloc
 
     malloc_tuned = tune_malloc()  # as `fogfl cloud` does; the bare server shares this process
 

@@ -41,6 +41,7 @@ from deploy.cli import CONFIG_DIR
 from deploy.engine import InProcessEngine
 from deploy.launcher import run as launch
 from kernel.config import load_config
+from kernel.runtime import own_process, settle_heap
 
 
 def _mosquitto(tmp: Path) -> tuple[subprocess.Popen, int] | None:
@@ -83,6 +84,7 @@ def _network_pair(cfg, tmp: Path) -> tuple[list[float], list[float], float, str]
 def _inprocess_pair(cfg, tmp: Path) -> tuple[list[float], list[float]]:
     """One in-process run: (run_round() time of every round, the cloud's wall_s per round)."""
     engine = InProcessEngine(cfg, tmp)  # checkpoints and metrics written, as the network cloud does
+    settle_heap()  # as `fogfl run --engine inprocess` does
     period = []
     for _ in range(cfg.rounds):
         t = time.perf_counter()
@@ -93,6 +95,7 @@ def _inprocess_pair(cfg, tmp: Path) -> tuple[list[float], list[float]]:
 
 
 def run_bench(quick: bool = False, overrides: list[str] | None = None, repeats: int | None = None) -> dict:
+    own_process()  # this process launches the networked runs and runs the in-process ones, as `fogfl run`
     rounds, early = (6, 4) if quick else (24, 8)
     repeats = repeats or (1 if quick else 3)
     cfg = load_config([CONFIG_DIR / "default.yaml", CONFIG_DIR / "small.yaml"], [f"rounds={rounds}", *(overrides or [])],
