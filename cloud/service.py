@@ -180,7 +180,10 @@ class CloudService:
             self.node.wait_round(self.stop)
             metrics = self.node.finish_round()
             self.node.write_metrics()
-            self.link.publish(Publish(self.topics.metrics, metrics.to_json(), retain=True))
+            # QoS 1 either way (paho resends until the broker acknowledges); only the last round's
+            # acknowledgement is waited for, before the process may exit: the others would hold
+            # the next announcement back by a broker round trip
+            self.link.publish(Publish(self.topics.metrics, metrics.to_json(), retain=True), wait=metrics.final)
         self.link.publish(Publish(self.topics.rounds, self.node.done_announcement().to_json(), retain=True))
         return self.node.history
 
