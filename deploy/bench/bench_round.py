@@ -18,7 +18,7 @@ engines, and the networked fogs train in parallel: the steady-state ratio is low
 reason too.
 
 One networked run and one in-process run make a pair; the benchmark runs ``repeats`` pairs one
-after the other (3 by default, 1 with ``--quick``) and takes the medians over every pair's
+after the other (5 by default, 1 with ``--quick``) and takes the medians over every pair's
 rounds, so that a burst of load on the machine during one run moves the result less. Each pair's
 own ratio is in the JSON too.
 
@@ -97,7 +97,7 @@ def _inprocess_pair(cfg, tmp: Path) -> tuple[list[float], list[float]]:
 def run_bench(quick: bool = False, overrides: list[str] | None = None, repeats: int | None = None) -> dict:
     own_process()  # this process launches the networked runs and runs the in-process ones, as `fogfl run`
     rounds, early = (6, 4) if quick else (24, 8)
-    repeats = repeats or (1 if quick else 3)
+    repeats = repeats or (1 if quick else 5)
     cfg = load_config([CONFIG_DIR / "default.yaml", CONFIG_DIR / "small.yaml"], [f"rounds={rounds}", *(overrides or [])],
                       use_env=False)
     load_before = os.getloadavg()
