@@ -1,8 +1,9 @@
 """Process-wide settings for a process that runs one node (``fogfl cloud|fog|edge|tap|run``).
 
-Library code never changes the process it is imported into: the settings below apply only once
-the process's entry point has claimed it with :func:`own_process`. Numpy and the standard library
-only (the edge imports this).
+Library code never changes the process it is imported into: the node services call
+:func:`settle_heap`, which acts only once the process's entry point has claimed the process with
+:func:`own_process`; :func:`tune_malloc` is called by entry points only (``own_process(malloc=True)``,
+the transfer benchmark's two processes). The standard library only (the edge imports this).
 
 - :func:`tune_malloc` keeps gRPC's message buffers in the heap for reuse.
 - :func:`settle_heap`, called by a node once it is built and about to go online, runs one full
