@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kernel.config import RunConfig, load_config
 from kernel.errors import ConfigError, FogflError
+from kernel.runtime import own_process
 from protos.errors import WireError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -93,17 +94,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def own_process(grpc_transfers: bool = False) -> None:
-    """This process runs one node: its heap is settled before it goes online, and the tiers that
-    move models over gRPC (cloud, fog, tap) keep gRPC's buffers for reuse (:mod:`kernel.runtime`)."""
-    from kernel.runtime import own_process as own
-
-    own(malloc=grpc_transfers)
-
-
 def cmd_cloud(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    own_process(grpc_transfers=True)
+    own_process(malloc=True)  # it moves models over gRPC
     if args.port is not None:
         cfg.cloud.port = args.port
     from cloud.service import run_cloud
@@ -138,7 +131,7 @@ def cmd_fog(args: argparse.Namespace) -> int:
     if args.id not in cfg.fog_ids():
         raise ConfigError(f"--id {args.id!r} is not a fog of this topology ({cfg.topology.fogs} fogs: fog-0 …)")
     host, port = parse_hostport(args.cloud, "--cloud")
-    own_process(grpc_transfers=True)
+    own_process(malloc=True)  # it moves models over gRPC
     from fog.service import run_fog
 
     run_fog(cfg, args.id, f"{host}:{port}", state_dir=args.state, truth_dir=args.truth, stop=_stop_on_signals())
@@ -171,7 +164,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
 def cmd_tap(args: argparse.Namespace) -> int:
     from attacks.taps import run_tap
 
-    own_process(grpc_transfers=True)
+    own_process(malloc=True)  # it moves models over gRPC
 
     listen = parse_hostport(args.listen, "--listen")
     upstream = parse_hostport(args.upstream, "--upstream")
