@@ -95,6 +95,12 @@ class _Slot:
     handed_over: bool = False
 
 
+def _issued_at() -> float:
+    """An announcement's time stamp, in whole seconds: the fogs relay the announcement to their
+    edges verbatim, so a stamp whose JSON length varied with the clock (``1764892800.12`` vs
+    ``1764892800.123``) would make a round's bytes differ between two runs of the same config."""
+    return float(int(time.time()))
+
 class CloudNode:
     FOLD_BACKLOG = 2  # accepted updates that may wait for the fold worker (see receive_update)
 
@@ -192,7 +198,7 @@ class CloudNode:
                 run_id=self.cfg.run_id, round=self.round_no, model_version=self.version,
                 selected=sorted(selected), deadline_s=self.cfg.cloud.round_deadline_s,
                 min_updates=min(min_updates, len(selected)), acquisition=self.cfg.acquisition, train=train,
-                issued_at=time.time(),
+                issued_at=_issued_at(),
             )
             self.current = _Round(self.round_no, ann, time.monotonic(), set(selected))
             self.strategy.begin_round(self.params, self.spec)
@@ -201,7 +207,7 @@ class CloudNode:
 
     def done_announcement(self) -> Announcement:
         return Announcement(kind="done", run_id=self.cfg.run_id, round=self.round_no,
-                            model_version=self.version, issued_at=time.time())
+                            model_version=self.version, issued_at=_issued_at())
 
     def serve_model(self, fog_id: str, round_: int | None = None) -> tuple[pb.ModelHeader, bytes]:
         """The global model for ``fog_id`` (possibly transformed by the serve hook)."""

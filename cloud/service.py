@@ -160,8 +160,10 @@ class CloudService:
         except ConnectError:
             self.server.stop(0)
             raise
-        # a previous run's retained announcement must not start this run's fogs
+        # a previous run's retained announcement must not start this run's fogs, nor its end
+        # stop this run's edges
         self.link.publish(Publish(self.topics.rounds, b"", retain=True))
+        self.link.publish(Publish(self.topics.done, b"", retain=True))
         self.link.publish(Publish(self.topics.metrics, b"", retain=True))
 
     def run(self) -> list:
@@ -184,7 +186,9 @@ class CloudService:
             # acknowledgement is waited for, before the process may exit: the others would hold
             # the next announcement back by a broker round trip
             self.link.publish(Publish(self.topics.metrics, metrics.to_json(), retain=True), wait=metrics.final)
-        self.link.publish(Publish(self.topics.rounds, self.node.done_announcement().to_json(), retain=True))
+        done = self.node.done_announcement().to_json()
+        self.link.publish(Publish(self.topics.rounds, done, retain=True))  # the fogs
+        self.link.publish(Publish(self.topics.done, done, retain=True))  # the edges (and anyone)
         return self.node.history
 
     def close(self) -> None:

@@ -4,9 +4,9 @@ called directly in a deterministic order, with the same protobuf/JSON bytes the 
 2-core machine cannot run as a thousand processes.
 
 Message flow of one round (what MQTT and gRPC do in the network engine):
-announcement -> every fog and edge; each selected fog downloads the model (bytes from
-``CloudNode.serve_model``), publishes its ONNX model to its edges; each edge answers with a
-SampleBatch to its fog; the fog trains and uploads (``CloudNode.receive_update``); the cloud
+announcement -> every fog; each selected fog downloads the model (bytes from
+``CloudNode.serve_model``), publishes its ONNX model with the announcement to its edges; each
+edge answers with a SampleBatch to its fog; the fog trains and uploads (``CloudNode.receive_update``); the cloud
 aggregates and evaluates.
 """
 
@@ -94,7 +94,7 @@ class InProcessEngine:
                 edge = EdgeNode(cfg, edge_id, dataset=ds, splits=splits, track_delivery=False)
                 self.edges[edge_id] = edge
                 self.bus.subscribe(self.topics.edge_model(fog_id), edge.on_model)
-                self.bus.subscribe(self.topics.rounds, edge.on_announcement)
+                self.bus.subscribe(self.topics.done, edge.on_announcement)
         self.setup_s = time.perf_counter() - t0
         log.info("in-process engine: %d fogs, %d edges set up in %.2fs", len(self.fogs), len(self.edges), self.setup_s)
 
@@ -102,7 +102,6 @@ class InProcessEngine:
         ann = self.cloud.start_round()
         payload = ann.to_json()
         taking_part = [f for f, fog in self.fogs.items() if fog.on_announcement(payload) is not None]
-        self.bus.publish(Publish(self.topics.rounds, payload, retain=True))  # edges learn of the round
         for fog_id in taking_part:
             fog = self.fogs[fog_id]
             header, model_payload = self.cloud.serve_model(fog_id, ann.round)
@@ -128,7 +127,7 @@ class InProcessEngine:
             for _ in range(self.cfg.rounds):
                 m = self.run_round()
                 bar.update(task, advance=1, info=f"acc {m.accuracy:.3f}  labels {m.labels_used}")
-        self.bus.publish(Publish(self.topics.rounds, self.cloud.done_announcement().to_json(), retain=True))
+        self.bus.publish(Publish(self.topics.done, self.cloud.done_announcement().to_json(), retain=True))
         return self.cloud.history
 
 

@@ -2,7 +2,10 @@
 the messages to publish (:class:`protos.envelope.Publish`); a driver (``edge.service`` over
 paho-mqtt, or the in-process engine) delivers them.
 
-Per round the node, if its fog is selected, waits until it holds a model at least as new as the
+The node learns of a round from its fog: the ``EdgeModel`` the fog serves for the round carries
+the cloud's announcement verbatim (edges do not subscribe to the cloud's rounds topic, so that an
+announcement wakes only the fogs); the run's end comes on the cloud's done topic. Per round the
+node, if its fog is selected, waits until it holds a model at least as new as the
 announced version, queries ``acquisition.budget`` samples of its unlabeled pool with
 ``acquisition.strategy``, labels them, removes them from the pool and emits one ``SampleBatch``.
 It acts at most once per round. Bad messages (garbage, checksum mismatch, corrupt ONNX, malformed
@@ -125,8 +128,10 @@ class EdgeNode:
 
     # -- messages in ----------------------------------------------------------------------------
     def on_model(self, payload: bytes) -> list[Publish]:
-        """An ``EdgeModel`` from this edge's fog. Returns the batch of a round that was waiting
-        for this model, if any. An empty payload (a retained message being cleared) is ignored."""
+        """An ``EdgeModel`` from this edge's fog, with the announcement of the round it is served
+        for: returns this edge's SampleBatch for that round (or for a round that was waiting for
+        this model). An empty payload (a retained message being cleared) is ignored; a model that
+        is unusable is rejected with its announcement."""
         if not payload:
             return []
         msg = pb.EdgeModel()
@@ -144,21 +149,24 @@ class EdgeNode:
                                          f"(computed {digest[:12]}, message says {msg.sha256[:12] or 'nothing'})")
         if self.model is not None and msg.version < self.model_version:
             log.info("%s: ignoring model v%d, already on v%d", self.edge_id, msg.version, self.model_version)
-            return self._resume()
-        if self.model is not None and msg.version == self.model_version and digest == self.model_sha:
-            return self._resume()  # retained re-delivery of what we have
-        try:
-            clf = OnnxClassifier(msg.onnx, threads=self.threads)
-            self._check_fits(clf)
-        except ModelError as exc:
-            return self._reject("model", f"EdgeModel v{msg.version}: {exc}")
-        self.model, self.model_version, self.model_sha = clf, int(msg.version), digest
-        log.debug("%s: model v%d loaded (%s, %d bytes)", self.edge_id, msg.version, msg.arch or "?", len(msg.onnx))
+        elif self.model is None or msg.version != self.model_version or digest != self.model_sha:
+            try:
+                clf = OnnxClassifier(msg.onnx, threads=self.threads)
+                self._check_fits(clf)
+            except ModelError as exc:
+                return self._reject("model", f"EdgeModel v{msg.version}: {exc}")
+            self.model, self.model_version, self.model_sha = clf, int(msg.version), digest
+            log.debug("%s: model v%d loaded (%s, %d bytes)", self.edge_id, msg.version, msg.arch or "?",
+                      len(msg.onnx))
+        # else: a retained re-delivery of the model this edge has
+        if msg.announcement:  # the round the fog serves this model for
+            return self.on_announcement(msg.announcement.encode())
         return self._resume()
 
     def on_announcement(self, payload: bytes) -> list[Publish]:
-        """A round announcement (JSON). Returns this edge's SampleBatch when it can act now.
-        An empty payload (the retained announcement being cleared) is ignored."""
+        """A round announcement (JSON): the one an ``EdgeModel`` carries, or the run's end from the
+        cloud's done topic. Returns this edge's SampleBatch when it can act now. An empty payload
+        (the retained announcement being cleared) is ignored."""
         if not payload:
             return []
         try:

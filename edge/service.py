@@ -3,7 +3,8 @@
 - Connects with :class:`kernel.mqtt.MqttLink` (client id = edge id; last will ``offline`` and
   ``online`` retained on the edge's status topic); an unreachable broker raises
   :class:`~kernel.errors.ConnectError`.
-- Subscribes to the round announcements and to its fog's model topic. paho's callbacks only put
+- Subscribes to its fog's model topic (each ``EdgeModel`` carries the announcement of the round
+  it is served for) and to the cloud's done topic, not to the rounds topic. paho's callbacks only put
   messages on a queue; the calling thread of :func:`run_edge` is the worker that runs the node
   (ONNX inference, queries), so the network loop never waits on inference. A PUBACK also wakes
   the worker (no polling on the path of a round).
@@ -125,8 +126,9 @@ def run_edge(
         inbox.put((topic, payload))
 
     link = MqttLink(cfg.mqtt, client_id=edge_id, status_topic=topics.status(edge_id))
-    link.subscribe(topics.rounds, enqueue)
+    # rounds come from the fog, inside the model it serves for each; only the run's end from the cloud
     link.subscribe(model_topic, enqueue)
+    link.subscribe(topics.done, enqueue)
     link.connect(timeout=connect_timeout)
     log.info("%s: connected to %s:%d (run %s, fog %s)", edge_id, link.host, cfg.mqtt.port, cfg.run_id, node.fog_id)
     sender = _Sender(link, node, resend_s, wake=lambda: inbox.put(None))
@@ -147,7 +149,7 @@ def run_edge(
                 try:
                     if topic == model_topic:
                         node.on_model(payload)
-                    elif topic == topics.rounds:
+                    elif topic == topics.done:
                         node.on_announcement(payload)
                 except Exception:  # a node bug must not take the edge down; the message is dropped
                     log.exception("%s: failed to handle a message on %s", edge_id, topic)

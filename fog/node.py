@@ -2,7 +2,8 @@
 in-process engine feed it the same wire bytes:
 
     ann = fog.on_announcement(bytes)          # -> Announcement if this fog takes part
-    pubs = fog.on_model(model_header, payload)  # -> [Publish(EdgeModel)] for its edges
+    pubs = fog.on_model(model_header, payload)  # -> [Publish(EdgeModel)] for its edges, carrying
+                                                #    the announcement (edges learn of rounds so)
     fog.on_samples(bytes)                      # SampleBatch from an edge (MQTT)
     if fog.acquisition_complete(): header, payload = fog.train()   # -> upload
 """
@@ -44,6 +45,7 @@ class FogNode:
         self.pool = SamplePool(state_dir)
         self.truth_dir = Path(truth_dir) if truth_dir else None
         self.announcement: Announcement | None = None
+        self.announcement_json = b""  # the current announcement as the cloud sent it, for the edges
         self.last_round = 0
         self.finished = False
         self.spec: dict | None = None
@@ -75,7 +77,7 @@ class FogNode:
         if ann.round <= self.last_round or self.fog_id not in ann.selected:
             return None
         with self._lock:
-            self.announcement = ann
+            self.announcement, self.announcement_json = ann, bytes(payload)
             self.last_round = ann.round
             self.delivered.setdefault(ann.round, set())
             self._acquired.clear()
@@ -84,7 +86,9 @@ class FogNode:
         return ann
 
     def on_model(self, header: pb.ModelHeader, payload: bytes | memoryview | ChunkedPayload) -> list[Publish]:
-        """Take the global model served by the cloud; pass it to the edges as ONNX."""
+        """Take the global model served by the cloud; pass it to the edges as ONNX, with the
+        announcement of the round it is served for (verbatim), which is how the edges learn of
+        the round."""
         try:
             spec = json.loads(header.arch_json)
             params = decode_tensors(payload)
@@ -96,8 +100,10 @@ class FogNode:
         with self._lock:
             self.spec, self.served, self.model_version = spec, params, int(header.version)
             self.train_override = train
+            ann = self.announcement
+            relayed = self.announcement_json if ann is not None and ann.round == header.round else b""
         msg = pb.EdgeModel(version=header.version, round=header.round, onnx=onnx, sha256=sha256_hex(onnx),
-                           arch=spec.get("arch", ""))
+                           arch=spec.get("arch", ""), announcement=relayed.decode())
         data = msg.SerializeToString()
         rnd = int(header.round)
         self.edge_bytes_down[rnd] = self.edge_bytes_down.get(rnd, 0) + len(data) * len(self.edges)

@@ -28,6 +28,7 @@ from protos.codec import (
     serialize_chunk,
 )
 from protos.control import Announcement
+from protos.envelope import Publish
 from protos.errors import WireError
 from protos.topics import Topics
 
@@ -166,6 +167,9 @@ class FogService:
         # a fog that resumes its pool picks up what the broker kept for it; a fresh one must not
         # take an earlier run's batches for its own
         self.link.connect(fresh_session=not self.node.pool.resumed)
+        if not self.node.pool.resumed:
+            # an earlier run's model (and the announcement in it) must not set this run's edges off
+            self.link.publish(Publish(self.topics.edge_model(self.node.fog_id), b"", retain=True))
         log.info("%s online (cloud %s, %d edges)", self.node.fog_id, self.cloud.address, len(self.node.edges))
         while not self.stop.is_set() and not self.node.finished:
             try:

@@ -52,7 +52,7 @@ class Announcement(_Strict):
     min_updates: int = Field(1, ge=0)
     acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    issued_at: float = 0.0
+    issued_at: float = Field(0.0, description="Unix time the cloud announced the round, in whole seconds")
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()

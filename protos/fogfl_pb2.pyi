@@ -51,18 +51,20 @@ class SampleBatch(_message.Message):
     def __init__(self, edge_id: _Optional[str] = ..., fog_id: _Optional[str] = ..., seq: _Optional[int] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., strategy: _Optional[str] = ...) -> None: ...
 
 class EdgeModel(_message.Message):
-    __slots__ = ("version", "round", "onnx", "sha256", "arch")
+    __slots__ = ("version", "round", "onnx", "sha256", "arch", "announcement")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ONNX_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
     version: int
     round: int
     onnx: bytes
     sha256: str
     arch: str
-    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., onnx: _Optional[bytes] = ..., sha256: _Optional[str] = ..., arch: _Optional[str] = ...) -> None: ...
+    announcement: str
+    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., onnx: _Optional[bytes] = ..., sha256: _Optional[str] = ..., arch: _Optional[str] = ..., announcement: _Optional[str] = ...) -> None: ...
 
 class LocalHParams(_message.Message):
     __slots__ = ("lr", "epochs", "steps", "batch_size", "optimizer", "momentum", "prox_mu", "shuffle")

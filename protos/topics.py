@@ -25,10 +25,17 @@ class Topics:
         self.run_id = check_id("run", run_id)
         self.root = f"fogfl/{run_id}"
 
-    # cloud -> all: round announcements (JSON, retained, QoS 1)
+    # cloud -> fogs: round announcements (JSON, retained, QoS 1). Edges do not subscribe: a fog
+    # relays the announcement to its edges inside the EdgeModel it serves for the round.
     @property
     def rounds(self) -> str:
         return f"{self.root}/rounds"
+
+    # cloud -> all: the run's end (the "done" announcement, JSON, retained, QoS 1), also sent on
+    # the rounds topic. Edges subscribe to this one, so that they learn of it without their fog.
+    @property
+    def done(self) -> str:
+        return f"{self.root}/done"
 
     # cloud -> all: per-round results (JSON, retained) for dashboards and the launcher
     @property

@@ -63,9 +63,9 @@ def onnx_v2(cfg, data) -> bytes:
     return _train(cfg, ds, np.concatenate([sp.warm, sp.edges[0]]), seed=1, epochs=60)
 
 
-def model_msg(onnx: bytes, version: int, sha: str | None = None) -> bytes:
+def model_msg(onnx: bytes, version: int, sha: str | None = None, ann: bytes = b"") -> bytes:
     return pb.EdgeModel(version=version, round=version, onnx=onnx, sha256=sha if sha is not None else sha256_hex(onnx),
-                        arch="mlp").SerializeToString()
+                        arch="mlp", announcement=ann.decode()).SerializeToString()
 
 
 def announce(cfg, round_: int, version: int = 1, *, strategy: str = "uncertainty", budget: int = 20, subset: int = 0,
@@ -108,6 +108,45 @@ def test_round_yields_a_batch_of_its_own_partition(cfg, data, onnx_v1):
     b2 = batch_of(node.on_announcement(announce(cfg, 2)))
     assert b2.seq == 2 and not set(b2.sample_ids) & set(b.sample_ids)
     assert node.pool_size == len(own) - 40
+
+
+def test_the_round_comes_inside_the_model_its_fog_serves(cfg, onnx_v1):
+    """How the fog tells its edges of a round: the EdgeModel carries the announcement. One message
+    gives the same batch as the announcement followed by the model; a retained re-delivery of it
+    does not give a second one."""
+    two_messages = EdgeNode(cfg, EDGE, track_delivery=False)
+    assert two_messages.on_announcement(announce(cfg, 1, strategy="margin")) == []  # no model yet
+    want = batch_of(two_messages.on_model(model_msg(onnx_v1, 1)))
+
+    node = EdgeNode(cfg, EDGE, track_delivery=False)
+    relayed = model_msg(onnx_v1, 1, ann=announce(cfg, 1, strategy="margin"))
+    got = batch_of(node.on_model(relayed))
+    assert got == want and got.round == 1 and got.model_version == 1
+    assert node.on_model(relayed) == []  # retained: same model, a round already served
+    b2 = batch_of(node.on_model(model_msg(onnx_v1, 1, ann=announce(cfg, 2, strategy="margin"))))
+    assert (b2.round, b2.model_version, b2.seq) == (2, 1, 2)  # same model, next round
+    assert node.on_model(model_msg(onnx_v1, 1, ann=announce(cfg, 3, selected=["fog-9"]))) == []  # fog not selected
+    assert node.rejected == 0 and node.acted_rounds == [1, 2]
+
+
+@pytest.mark.parametrize("bad", ["garbage", "other run", "unknown strategy"])
+def test_a_bad_relayed_announcement_is_rejected_but_the_model_is_taken(cfg, onnx_v1, onnx_v2, bad):
+    node = EdgeNode(cfg, EDGE)
+    ann = {"garbage": b"{not json", "other run": announce(cfg, 1, run_id="elsewhere"),
+           "unknown strategy": announce(cfg, 1, strategy="nope")}[bad]
+    assert node.on_model(model_msg(onnx_v1, 1, ann=ann)) == []
+    assert node.rejected == 1 and node.model_version == 1 and node.acted_rounds == []
+    assert len(batch_of(node.on_model(model_msg(onnx_v2, 2, ann=announce(cfg, 1, version=2)))).y) == 20
+
+
+def test_an_unusable_model_is_rejected_with_the_round_it_carries(cfg, onnx_v1):
+    node = EdgeNode(cfg, EDGE)
+    assert node.on_model(model_msg(onnx_v1, 1)) == []
+    bad = model_msg(onnx_v1[: len(onnx_v1) // 2], 2, ann=announce(cfg, 1, version=2))  # truncated ONNX
+    assert node.on_model(bad) == [] and node.rejected == 1 and node.model_version == 1
+    assert node.pending_round is None and node.acted_rounds == []
+    assert node.on_model(model_msg(onnx_v1, 1, sha="0" * 64, ann=announce(cfg, 1))) == []  # checksum mismatch
+    assert node.rejected == 2 and node.acted_rounds == []
 
 
 def test_uncertainty_differs_from_random_and_picks_higher_entropy(cfg, data, onnx_v1):

@@ -1,6 +1,7 @@
 """run_edge over a real MQTT broker (the embedded amqtt broker of deploy/broker.py on a free
-loopback port): retained model + announcement in, SampleBatch out, outbox replay after a
-restart, liveness, and a one-line ConnectError when there is no broker."""
+loopback port): retained model carrying its round's announcement in, SampleBatch out, the run's
+end from the done topic, outbox replay after a restart, liveness, and a one-line ConnectError
+when there is no broker."""
 
 from __future__ import annotations
 
@@ -95,6 +96,12 @@ def announcement(run_id: str, round_: int, kind: str = "round") -> bytes:
                         acquisition=AcquisitionConfig(budget=12, strategy="entropy", subset=100)).to_json()
 
 
+def model_for(onnx: bytes, ann: bytes = b"", version: int = 0) -> bytes:
+    """The EdgeModel a fog publishes for a round: the model and, inside it, the announcement."""
+    return pb.EdgeModel(version=version, onnx=onnx, sha256=sha256_hex(onnx), arch="mlp",
+                        announcement=ann.decode()).SerializeToString()
+
+
 def start_edge(cfg: RunConfig, state_dir=None, stop=None):
     result: dict = {}
 
@@ -120,29 +127,30 @@ def test_round_trip_over_mqtt(broker, onnx):
     topics = Topics(cfg.run_id)
     peer = Peer(broker.port, [topics.samples(FOG), topics.status(EDGE)])
     try:
-        # retained, as the fog and the cloud publish them: the edge finds both when it subscribes
-        peer.publish(topics.rounds, announcement(cfg.run_id, 1))
-        peer.publish(topics.edge_model(FOG), pb.EdgeModel(version=0, onnx=onnx, sha256=sha256_hex(onnx),
-                                                          arch="mlp").SerializeToString())
+        # retained, as the fog publishes it: the edge finds the model and its round when it subscribes
+        peer.publish(topics.edge_model(FOG), model_for(onnx, announcement(cfg.run_id, 1)))
         th, result = start_edge(cfg)
         assert peer.next(topics.status(EDGE)) == b"online"
         b1 = batch(peer.next(topics.samples(FOG)))
         assert (b1.edge_id, b1.fog_id, b1.round, b1.seq, b1.strategy, len(b1.y)) == (EDGE, FOG, 1, 1, "entropy", 12)
 
         peer.publish(topics.edge_model(FOG), b"garbage from the network")  # rejected, edge stays up
-        peer.publish(topics.rounds, announcement(cfg.run_id, 2))
+        # the cloud's rounds topic is the fogs' business: had the edge acted on round 3 there, it
+        # would have sent round 3's batch first and then ignored round 2 as older
+        peer.publish(topics.rounds, announcement(cfg.run_id, 3))
+        peer.publish(topics.edge_model(FOG), model_for(onnx, announcement(cfg.run_id, 2)))
         b2 = batch(peer.next(topics.samples(FOG)))
         assert (b2.round, b2.seq) == (2, 2) and not set(b2.sample_ids) & set(b1.sample_ids)
 
-        peer.publish(topics.rounds, announcement(cfg.run_id, 2, kind="done"))
+        peer.publish(topics.done, announcement(cfg.run_id, 2, kind="done"))
         th.join(20)
         assert not th.is_alive() and "error" not in result
         node = result["node"]
         assert node.finished and node.labels_sent == 24 and node.rejected == 1 and len(node.outbox) == 0
         assert peer.next(topics.status(EDGE)) == b"offline"
     finally:
-        peer.publish(topics.rounds, b"", retain=True)  # clear retained messages
-        peer.publish(topics.edge_model(FOG), b"", retain=True)
+        for t in (topics.rounds, topics.done, topics.edge_model(FOG)):  # clear retained messages
+            peer.publish(t, b"", retain=True)
         peer.close()
 
 
@@ -190,12 +198,11 @@ def test_durable_batches_leave_the_outbox_on_the_brokers_ack(broker, onnx, tmp_p
     peer = Peer(broker.port, [topics.samples(FOG)])
     stop = threading.Event()
     try:
-        peer.publish(topics.edge_model(FOG), pb.EdgeModel(version=0, onnx=onnx, sha256=sha256_hex(onnx),
-                                                          arch="mlp").SerializeToString())
+        peer.publish(topics.edge_model(FOG), model_for(onnx))  # a model outside a round: no batch
         th, result = start_edge(cfg, state_dir=tmp_path, stop=stop)
         sent = []
         for r in (1, 2):
-            peer.publish(topics.rounds, announcement(cfg.run_id, r))
+            peer.publish(topics.edge_model(FOG), model_for(onnx, announcement(cfg.run_id, r)))
             sent.append(batch(peer.next(topics.samples(FOG))))
         assert [(b.round, b.seq) for b in sent] == [(1, 1), (2, 2)]
         deadline = time.monotonic() + 10  # the PUBACK wakes the edge, which appends an ack record
@@ -214,6 +221,5 @@ def test_durable_batches_leave_the_outbox_on_the_brokers_ack(broker, onnx, tmp_p
         assert sorted(state["sent_ids"]) == sorted(i for b in sent for i in b.sample_ids)
     finally:
         stop.set()
-        peer.publish(topics.rounds, b"", retain=True)
         peer.publish(topics.edge_model(FOG), b"", retain=True)
         peer.close()

@@ -63,6 +63,19 @@ def test_the_edges_get_the_onnx_of_the_served_parameters_every_version(cfg):
         torch.set_num_threads(threads)
 
 
+def test_the_model_carries_the_announcement_of_its_round_verbatim(cfg):
+    cloud = CloudNode(cfg)
+    fog = FogNode(cfg, "fog-0")
+    header, payload = cloud.serve_model("fog-0")
+    assert edge_model(fog.on_model(header, payload)).announcement == ""  # outside a round: none
+    raw = cloud.start_round().to_json()
+    assert fog.on_announcement(raw) is not None
+    header, payload = cloud.serve_model("fog-0", 1)
+    assert header.round == 1 and edge_model(fog.on_model(header, payload)).announcement == raw.decode()
+    header.round = 7  # a model for another round than the one announced: not relayed with it
+    assert edge_model(fog.on_model(header, payload)).announcement == ""
+
+
 @pytest.mark.parametrize("change", ["unknown arch", "no in_shape", "not json", "wrong shapes"])
 def test_an_unusable_model_from_the_cloud_is_a_one_line_wire_error(cfg, change):
     cloud = CloudNode(cfg)

@@ -48,6 +48,7 @@ def test_topic_names():
     t = Topics("run-1")
     assert t.root == "fogfl/run-1"
     assert t.rounds == "fogfl/run-1/rounds"
+    assert t.done == "fogfl/run-1/done"
     assert t.metrics == "fogfl/run-1/metrics"
     assert t.samples("fog-0") == "fogfl/run-1/fog/fog-0/samples"
     assert t.edge_model("fog-0") == "fogfl/run-1/fog/fog-0/model"
@@ -68,7 +69,7 @@ def test_status_wildcard_matches_every_node_of_its_run_only():
 def test_topics_of_a_run_are_distinct():
     t = Topics("r")
     fogs = [f"fog-{i}" for i in range(3)]
-    names = [t.rounds, t.metrics, *(t.samples(f) for f in fogs), *(t.edge_model(f) for f in fogs),
+    names = [t.rounds, t.done, t.metrics, *(t.samples(f) for f in fogs), *(t.edge_model(f) for f in fogs),
              *(t.status(f) for f in fogs)]
     assert len(set(names)) == len(names)
 
