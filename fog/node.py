@@ -109,8 +109,10 @@ class FogNode:
         self.edge_bytes_down[rnd] = self.edge_bytes_down.get(rnd, 0) + len(data) * len(self.edges)
         return [Publish(self.topics.edge_model(self.fog_id), data, qos=1, retain=True)]
 
-    def on_samples(self, payload: bytes) -> bool:
-        """Validate and pool a SampleBatch. False (logged, counted) if rejected or a duplicate."""
+    def on_samples(self, payload: bytes, *, sync: bool = True) -> bool:
+        """Validate and pool a SampleBatch. False (logged, counted) if rejected or a duplicate.
+        ``sync=False``: the batch counts (training may start) once written to the pool's journal;
+        the caller puts it on stable storage (``pool.sync()``) before acknowledging it."""
         b = pb.SampleBatch()
         try:
             b.ParseFromString(payload)
@@ -122,7 +124,7 @@ class FogNode:
         if reason:
             return self._reject(f"sample batch from {b.edge_id or '?'} seq {b.seq}: {reason}")
         added = self.pool.add(PooledBatch(b.edge_id, int(b.seq), int(b.round), x.astype(np.float32, copy=False),
-                                          y, np.asarray(b.sample_ids, dtype=np.int64)))
+                                          y, np.asarray(b.sample_ids, dtype=np.int64)), sync=sync)
         with self._lock:
             self.delivered.setdefault(int(b.round), set()).add(b.edge_id)
             if added:

@@ -2,8 +2,7 @@
 
 With a state directory the pool is durable: each accepted batch is appended to
 ``<state>/pool/pool.journal`` (:class:`kernel.journal.Journal`) and on stable storage
-(``fdatasync``) before :meth:`SamplePool.add` returns, so before the fog acknowledges the batch to
-the broker; a restarted fog reads the journal back. Nothing that was accepted is lost, also on a
+(``fdatasync``) before the fog acknowledges the batch to the broker; a restarted fog reads the journal back. Nothing that was accepted is lost, also on a
 power cut. Pools written by fogfl 0.2.0 (one ``.npz`` file per batch, not fsynced) are read once
 and moved into the journal.
 
@@ -113,15 +112,22 @@ class SamplePool:
             log.info("pool restored: %d batches, %d samples%s", len(self._batches), len(self),
                      f" ({len(legacy)} moved from .npz files)" if legacy else "")
 
-    def add(self, b: PooledBatch) -> bool:
+    def add(self, b: PooledBatch, sync: bool = True) -> bool:
         """False if (edge_id, seq) was already accepted. With a state directory the batch is on
-        stable storage when this returns; an OSError (a full disk) leaves the pool unchanged."""
+        stable storage when this returns; an OSError (a full disk) leaves the pool unchanged.
+        ``sync=False`` only writes it to the journal: the caller calls :meth:`sync` before it
+        acknowledges the batch (the fog's driver trains meanwhile; see ``fog.service``)."""
         with self._lock:
             if (b.edge_id, b.seq) in self._seen:
                 return False
             if self.journal is not None:
-                self.journal.append(encode_batch(b))
+                self.journal.append(encode_batch(b), sync=sync)
             return self._keep(b)
+
+    def sync(self) -> None:
+        """Put batches added with ``sync=False`` on stable storage (OSError if it cannot)."""
+        if self.journal is not None:
+            self.journal.sync()
 
     def close(self) -> None:
         if self.journal is not None:

@@ -290,3 +290,43 @@ def test_a_fog_that_cannot_store_a_batch_leaves_it_unacknowledged_and_stops(cfg,
     assert svc.stop.is_set() and isinstance(svc.fatal, StorageError)
     assert "fog-0 cannot store sample batches" in str(svc.fatal) and "\n" not in str(svc.fatal)
     svc.cloud.close()
+
+
+def test_a_batch_counts_before_its_sync_and_a_failed_sync_leaves_it_unacknowledged(cfg, tmp_path, monkeypatch):
+    """The fog's driver pools a batch (the round's training may start) and only then fdatasyncs
+    it, before the acknowledgement. A sync that fails leaves the batch unacknowledged (the fog
+    stops, the broker redelivers); the record the journal got is read back by the restarted fog."""
+    import kernel.journal
+    from fog.service import FogService
+    from kernel.mqtt import Undelivered
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.topology.edges_per_fog = 1
+    fog = FogNode(cfg, "fog-0", state_dir=tmp_path / "state")
+    node = CloudNode(cfg)
+    assert fog.on_announcement(node.start_round().to_json()) is not None
+    fog.on_model(*node.serve_model("fog-0"))
+    svc = FogService(cfg, fog, "127.0.0.1:1")  # never connected here
+
+    def batch(seq):
+        return pb.SampleBatch(edge_id="fog-0.edge-0", fog_id="fog-0", seq=seq, round=1,
+                              x=tensor_to_pb("x", node.ds.x[:3]), y=[1, 2, 3]).SerializeToString()
+
+    seen_at_sync = []
+    real = kernel.journal._datasync
+    monkeypatch.setattr(kernel.journal, "_datasync",
+                        lambda fd: (seen_at_sync.append(fog.acquisition_complete()), real(fd)))
+    svc._on_samples("t", batch(1))  # returns: acknowledged
+    assert seen_at_sync == [True] and len(fog.pool) == 3  # complete (training may start) before the sync
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(kernel.journal, "_datasync", broken)
+    with pytest.raises(Undelivered, match="pool write failed: Input/output error"):
+        svc._on_samples("t", batch(2))
+    svc.cloud.close()
+    fog.pool.close()
+    again = FogNode(cfg, "fog-0", state_dir=tmp_path / "state")  # the restarted fog
+    assert len(again.pool) == 6 and again.pool.resumed
+    again.pool.close()
