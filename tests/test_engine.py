@@ -69,3 +69,14 @@ def test_label_counts_sent_only_when_the_strategy_asks(weighting, expect_counts)
         assert bool(counts) == expect_counts
         if expect_counts:
             assert sum(counts.values()) == obs.header.num_samples
+
+
+def test_the_round_benchmarks_idle_probe_runs_an_edge_step_in_both_modes():
+    """deploy.bench.bench_round's idle probe drives a real edge with the fog's EdgeModel (model and
+    announcement in one message) in both modes; what it measures is reported, not asserted."""
+    from deploy.bench.bench_round import idle_penalty
+
+    cfg = load_config([CONFIG_DIR / "default.yaml", CONFIG_DIR / "small.yaml"], use_env=False)
+    got = idle_penalty(cfg, steps=3, idle_s=0.001)
+    assert set(got["edge_step_cpu_ms"]) == {"back_to_back", "after_idle"}
+    assert all(v > 0 for v in got["edge_step_cpu_ms"].values()) and got["ratio"] > 0
