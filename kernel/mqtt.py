@@ -195,10 +195,13 @@ class MqttLink:
     def _on_message(self, client, userdata, message) -> None:
         self.bytes_in += len(message.payload)
         held: str | None = None
+        topic = message.topic
         for pattern, handler in self._handlers:
-            if mqtt.topic_matches_sub(pattern, message.topic):
+            # most subscriptions are exact topics: a string comparison, not paho's matcher (which
+            # builds a trie on every call)
+            if pattern == topic or (("+" in pattern or "#" in pattern) and mqtt.topic_matches_sub(pattern, topic)):
                 try:
-                    handler(message.topic, message.payload)
+                    handler(topic, message.payload)
                 except Undelivered as exc:
                     held = str(exc) or exc.__class__.__name__
                 except Exception:  # a bad message must not take the node down

@@ -56,6 +56,29 @@ def test_on_published_fires_with_the_mid_of_each_acknowledged_publish(broker):
         link.close()
 
 
+def test_handlers_get_their_exact_topic_or_their_wildcards_matches_only(broker):
+    got: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+    link = MqttLink(MqttConfig(host="127.0.0.1", port=broker.port), "match-test")
+    link.subscribe("fogfl/m/rounds", lambda t, p: got.put(("exact", t, p)))
+    link.subscribe("fogfl/m/status/+", lambda t, p: got.put(("plus", t, p)))
+    link.subscribe("fogfl/m/fog/#", lambda t, p: got.put(("hash", t, p)))
+    link.connect()
+    try:
+        for topic in ("fogfl/m/rounds", "fogfl/m/rounds/x", "fogfl/m/status/fog-1", "fogfl/m/status/a/b",
+                      "fogfl/m/fog/fog-0/samples", "fogfl/m/done"):
+            link.publish(Publish(topic, topic.encode(), qos=1))
+        seen = []
+        while len(seen) < 3:
+            seen.append(got.get(timeout=10))
+        assert sorted(seen) == [("exact", "fogfl/m/rounds", b"fogfl/m/rounds"),
+                                ("hash", "fogfl/m/fog/fog-0/samples", b"fogfl/m/fog/fog-0/samples"),
+                                ("plus", "fogfl/m/status/fog-1", b"fogfl/m/status/fog-1")]
+        link.publish(Publish("fogfl/m/rounds", b"last", qos=1))  # in order: nothing else came before it
+        assert got.get(timeout=10) == ("exact", "fogfl/m/rounds", b"last")
+    finally:
+        link.close()
+
+
 @pytest.fixture
 def mosquitto_port(tmp_path):
     """Kept sessions are Mosquitto's (the deployment broker). The embedded amqtt broker (for the
