@@ -75,8 +75,9 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20)
 
     ``mmap_threshold`` is 32 MiB, the largest glibc takes: setting one switches glibc's adaptive
     threshold off for good, and at 4 MiB (until fogfl 0.4) every tensor of 4 MiB or more (a
-    1024 x 1024 float32 layer) was served by ``mmap``, fresh pages each time: the cloud's FedAvg
-    accumulator of a 2 M-parameter model took 25.3-29.2 ms for 50 updates at 4 MiB against
+    1024 x 1024 float32 layer) was served by ``mmap``, fresh pages each time, such as the FedAvg
+    accumulator the cloud allocates each round: on the aggregation benchmark's inputs (50 updates
+    of a 2 M-parameter model, two runs each) FedAvg took 25.3-29.2 ms at 4 MiB against
     23.8-24.6 ms at 32 MiB (glibc's default: 24.3-25.3 ms)."""
     name = ctypes.util.find_library("c")
     try:
