@@ -101,6 +101,7 @@ def _issued_at() -> float:
     ``1764892800.123``) would make a round's bytes differ between two runs of the same config."""
     return float(int(time.time()))
 
+
 class CloudNode:
     FOLD_BACKLOG = 2  # accepted updates that may wait for the fold worker (see receive_update)
 

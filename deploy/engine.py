@@ -6,8 +6,8 @@ called directly in a deterministic order, with the same protobuf/JSON bytes the 
 Message flow of one round (what MQTT and gRPC do in the network engine):
 announcement -> every fog; each selected fog downloads the model (bytes from
 ``CloudNode.serve_model``), publishes its ONNX model with the announcement to its edges; each
-edge answers with a SampleBatch to its fog; the fog trains and uploads (``CloudNode.receive_update``); the cloud
-aggregates and evaluates.
+edge answers with a SampleBatch to its fog; the fog trains and uploads
+(``CloudNode.receive_update``); the cloud aggregates and evaluates.
 """
 
 from __future__ import annotations

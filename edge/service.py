@@ -4,8 +4,8 @@
   ``online`` retained on the edge's status topic); an unreachable broker raises
   :class:`~kernel.errors.ConnectError`.
 - Subscribes to its fog's model topic (each ``EdgeModel`` carries the announcement of the round
-  it is served for) and to the cloud's done topic, not to the rounds topic. paho's callbacks only put
-  messages on a queue; the calling thread of :func:`run_edge` is the worker that runs the node
+  it is served for) and to the cloud's done topic, not to the rounds topic. paho's callbacks only
+  put messages on a queue; the calling thread of :func:`run_edge` is the worker that runs the node
   (ONNX inference, queries), so the network loop never waits on inference. A PUBACK also wakes
   the worker (no polling on the path of a round).
 - Everything the node emits is in its outbox (on disk with a state dir) before it is published;

@@ -2,9 +2,9 @@
 
 With a state directory the pool is durable: each accepted batch is appended to
 ``<state>/pool/pool.journal`` (:class:`kernel.journal.Journal`) and on stable storage
-(``fdatasync``) before the fog acknowledges the batch to the broker; a restarted fog reads the journal back. Nothing that was accepted is lost, also on a
-power cut. Pools written by fogfl 0.2.0 (one ``.npz`` file per batch, not fsynced) are read once
-and moved into the journal.
+(``fdatasync``) before the fog acknowledges the batch to the broker; a restarted fog reads the
+journal back. Nothing that was accepted is lost, also on a power cut. Pools written by fogfl
+0.2.0 (one ``.npz`` file per batch, not fsynced) are read once and moved into the journal.
 
 A record is a 4-byte header length, a JSON header (edge_id, seq, round, x's shape, the lengths of
 y and sample_ids) and the raw bytes of x (float32), y and sample_ids (int64), little-endian."""

@@ -223,3 +223,38 @@ def test_durable_batches_leave_the_outbox_on_the_brokers_ack(broker, onnx, tmp_p
         stop.set()
         peer.publish(topics.edge_model(FOG), b"", retain=True)
         peer.close()
+
+
+def test_a_fresh_fog_clears_an_earlier_runs_model_before_its_edges_act_on_it(broker, onnx, tmp_path):
+    """A retained EdgeModel left by an earlier run carries that run's round: a fog starting
+    without a pool to resume clears it as it comes online (the peer, subscribed before, sees the
+    stale model and then the clearing empty payload)."""
+    from cloud.node import CloudNode
+    from cloud.service import AggregatorServicer, start_grpc_server
+    from fog.node import FogNode
+    from fog.service import FogService
+
+    cfg = make_cfg("svc-stale", broker.port)
+    cfg.topology.fogs, cfg.topology.edges_per_fog = 1, 1
+    topics = Topics(cfg.run_id)
+    stale = model_for(onnx, announcement(cfg.run_id, 7))
+    peer = Peer(broker.port, [])
+    peer.publish(topics.edge_model(FOG), stale)  # retained, as the earlier run's fog left it
+    peer.close()
+    peer = Peer(broker.port, [topics.edge_model(FOG), topics.status(FOG)])
+    server, port, _ = start_grpc_server(AggregatorServicer(CloudNode(cfg)), "127.0.0.1", 0)
+    stop = threading.Event()
+    svc = FogService(cfg, FogNode(cfg, FOG, state_dir=tmp_path / "fog"), f"127.0.0.1:{port}", stop)
+    th = threading.Thread(target=svc.run, daemon=True)
+    try:
+        assert peer.next(topics.edge_model(FOG)) == stale
+        th.start()
+        assert peer.next(topics.edge_model(FOG)) == b""
+    finally:
+        stop.set()
+        th.join(10)
+        svc.close()
+        server.stop(0)
+        peer.publish(topics.edge_model(FOG), b"", retain=True)
+        peer.close()
+    assert not th.is_alive()
