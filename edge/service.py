@@ -114,7 +114,8 @@ def run_edge(
 ) -> EdgeNode:
     """Run edge ``edge_id`` of ``cfg`` against the broker in ``cfg.mqtt`` until the run is done
     (or ``stop`` is set). Returns the node (its counters tell what it did)."""
-    node = EdgeNode(cfg, edge_id, state_dir, labeler=labeler, durability=cfg.edge.durability)
+    node = EdgeNode(cfg, edge_id, state_dir, labeler=labeler, threads=cfg.edge.threads,
+                    durability=cfg.edge.durability)
     if initial_model is not None:
         node.preload(initial_model[0], source=initial_model[1])
     settle_heap()  # before it goes online (kernel.runtime: no full-collection stalls mid-run)

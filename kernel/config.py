@@ -94,6 +94,10 @@ class MqttConfig(_Strict):
 
 
 class EdgeConfig(_Strict):
+    threads: int = Field(
+        1, ge=1, le=256, description="onnxruntime and BLAS threads an edge process uses for its queries: 1 "
+                                     "suits many edges on one machine (the launcher, the tests); a device "
+                                     "of its own (a Pi 4, a Jetson) can take its core count")
     durability: Literal["sync", "async"] = Field(
         "sync", description="edge outbox (with a state dir): 'sync' fsyncs each sample batch before it is "
                             "published (a power cut loses nothing); 'async' publishes first and fsyncs while "

@@ -92,6 +92,7 @@ def test_unknown_key_in_yaml_and_env(tmp_path, monkeypatch):
         (["topology.fraction=1.5"], "topology.fraction"),
         (["model.arch=resnet152"], "model.arch"),
         (["cloud.port=70000"], "cloud.port"),
+        (["edge.threads=0"], "edge.threads"),
         (["data.class_split=[[0, 1], [x]]"], "data.class_split"),
         (["run_id=a/b"], "run_id"),
         (["run_id=has space"], "run_id"),

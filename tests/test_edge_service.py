@@ -124,6 +124,7 @@ def batch(payload: bytes) -> pb.SampleBatch:
 
 def test_round_trip_over_mqtt(broker, onnx):
     cfg = make_cfg("svc-rt", broker.port)
+    cfg.edge.threads = 2  # the edge's queries on two onnxruntime threads
     topics = Topics(cfg.run_id)
     peer = Peer(broker.port, [topics.samples(FOG), topics.status(EDGE)])
     try:
@@ -147,6 +148,7 @@ def test_round_trip_over_mqtt(broker, onnx):
         assert not th.is_alive() and "error" not in result
         node = result["node"]
         assert node.finished and node.labels_sent == 24 and node.rejected == 1 and len(node.outbox) == 0
+        assert node.threads == cfg.edge.threads == 2
         assert peer.next(topics.status(EDGE)) == b"offline"
     finally:
         for t in (topics.rounds, topics.done, topics.edge_model(FOG)):  # clear retained messages
