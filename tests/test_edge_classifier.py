@@ -144,3 +144,53 @@ def test_corrupt_or_wrong_shaped_onnx_raises_model_error(clf, case):
     msg = str(err.value)
     assert "\n" not in msg and len(msg) < 300
     assert "ONNX" in msg
+
+
+# -- a new version of the same graph runs on the session the edge has ------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_reweighted_runs_new_weights_on_the_same_session_exactly_as_a_new_session(arch, x):
+    v1 = build_model(_spec(arch), seed=1).eval()
+    v2 = build_model(_spec(arch), seed=2).eval()  # same graph, other weights
+    base = OnnxClassifier(export_onnx(v1, SHAPE))
+    onnx2 = export_onnx(v2, SHAPE)
+    moved = base.reweighted(onnx2)
+    assert moved is not None and moved._session is base._session
+    fresh = OnnxClassifier(onnx2)
+    np.testing.assert_array_equal(moved.decision_function(x), fresh.decision_function(x))  # bit for bit
+    with torch.no_grad():
+        np.testing.assert_allclose(moved.predict_proba(x), torch.softmax(v2(torch.from_numpy(x)), 1).numpy(),
+                                   atol=1e-6)
+    # the classifier it came from still runs v1's weights
+    np.testing.assert_array_equal(base.decision_function(x), OnnxClassifier(export_onnx(v1, SHAPE)).decision_function(x))
+    # and a third version moves on from the second as well
+    v3 = export_onnx(build_model(_spec(arch), seed=3).eval(), SHAPE)
+    third = moved.reweighted(v3)
+    assert third is not None
+    np.testing.assert_array_equal(third.decision_function(x), OnnxClassifier(v3).decision_function(x))
+    # pickling rebuilds from the bytes: the new weights, not the session's stored ones
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(third)).decision_function(x), third.decision_function(x))
+
+
+def test_reweighted_refuses_what_is_not_the_same_graph(clf, x):
+    other_size = export_onnx(build_model({**_spec("cnn"), "channels": 8}, seed=1), SHAPE)
+    other_arch = export_onnx(build_model(_spec("mlp"), seed=1), SHAPE)
+    # weights stored only as initializers (an export from before fogfl 0.5): nothing a caller may feed
+    old_style = _export_raw(build_model(_spec("cnn"), seed=2), torch.zeros(1, *SHAPE))
+    good = bytes(clf.onnx)
+    before = clf.decision_function(x)
+    for payload in (other_size, other_arch, old_style, good[: len(good) // 2], b"\x08\x07garbage" * 9, b""):
+        assert clf.reweighted(payload) is None
+    assert OnnxClassifier(old_style).reweighted(good) is None  # and a session built from one feeds nothing
+    np.testing.assert_array_equal(clf.decision_function(x), before)
+
+
+def test_reweighted_takes_any_float_values_the_edge_checks_them(clf):
+    from kernel.onnx_wire import float_initializers
+
+    onnx = bytearray(clf.onnx)
+    start, end = next(iter(float_initializers(bytes(onnx)).values()))
+    onnx[start:end] = np.full((end - start) // 4, np.nan, "<f4").tobytes()  # same length, same graph
+    moved = clf.reweighted(bytes(onnx))  # NaN weights still run; EdgeNode's own check refuses them
+    assert moved is not None and np.isnan(moved.decision_function(np.zeros((1, *SHAPE), np.float32))).any()
