@@ -99,9 +99,10 @@ class OnnxClassifier(ClassifierMixin, BaseEstimator):
         """A classifier for ``onnx`` that runs on this one's session, if ``onnx`` is this model's
         graph with other weights: every byte equal but the values of float initializers that
         onnxruntime lets a caller override. None otherwise (another graph, a file that lists its
-        weights only as initializers, bytes that do not parse): build a new classifier then. The
-        new one is probed like a new session (one zero sample); a failure raises ModelError, and
-        this classifier is unchanged either way."""
+        weights only as initializers, bytes of another length): build a new classifier then. The
+        graph is the one this classifier checked, so input and output shapes are too; what the new
+        values make of the outputs (NaN, say) is for the caller to check, as
+        :meth:`edge.node.EdgeNode` does for every model. This classifier is unchanged either way."""
         if self._layout is None:
             return None
         onnx = onnx if isinstance(onnx, bytes) else bytes(onnx)
@@ -112,13 +113,6 @@ class OnnxClassifier(ClassifierMixin, BaseEstimator):
         clf.onnx, clf.threads, clf._session, clf._layout = onnx, self.threads, self._session, self._layout
         clf.in_shape_, clf.n_features_in_, clf.classes_ = self.in_shape_, self.n_features_in_, self.classes_
         clf._feeds = feeds
-        try:
-            probe = clf.decision_function(np.zeros((1, *self.in_shape_), np.float32))
-        except Exception as exc:
-            raise ModelError(f"ONNX model fails on a {self.in_shape_} input ({_first_line(exc)})") from None
-        if probe.shape != (1, len(self.classes_)):
-            raise ModelError(f"ONNX model returns logits of shape {probe.shape} for one sample, "
-                             f"expected (1, {len(self.classes_)})")
         return clf
 
     # -- scikit-learn protocol --------------------------------------------------------------------
@@ -176,12 +170,16 @@ class OnnxClassifier(ClassifierMixin, BaseEstimator):
 
 class _Layout:
     """Where a model file keeps the weights a session lets a caller override: the file cut at the
-    ``raw_data`` of those float initializers. Two files with equal pieces between the cuts, and
-    cuts of the same lengths, differ only in those weights."""
+    ``raw_data`` of those float initializers. A file of the same length whose bytes outside the
+    cuts are equal, at the same offsets, is the same protobuf message but for those values (every
+    tag and length prefix lies outside the cuts, and a ``raw_data`` field's content is opaque), so
+    it needs no parsing: its weights are at the same offsets."""
 
-    def __init__(self, pieces: list[bytes], spans: list[tuple[str, int]], shapes: dict[str, tuple[int, ...]]) -> None:
-        self.pieces = pieces  # the bytes before, between and after the weights
-        self.spans = spans  # (initializer name, byte length), in file order
+    def __init__(self, size: int, pieces: list[tuple[int, bytes]], spans: list[tuple[str, int, int]],
+                 shapes: dict[str, tuple[int, ...]]) -> None:
+        self.size = size
+        self.pieces = pieces  # (offset, bytes) before, between and after the weights
+        self.spans = spans  # (initializer name, start, end), in file order
         self.shapes = shapes
 
     @classmethod
@@ -193,7 +191,7 @@ class _Layout:
                 return None
             shapes[arg.name] = tuple(shape)
         try:
-            found = _cuts(onnx)
+            found = sorted((start, end, name) for name, (start, end) in float_initializers(onnx).items())
         except ValueError:
             return None
         if not shapes or {name for _, _, name in found} != set(shapes):
@@ -202,32 +200,20 @@ class _Layout:
             return None
         pieces, pos = [], 0
         for start, end, _ in found:
-            pieces.append(onnx[pos:start])
+            pieces.append((pos, onnx[pos:start]))
             pos = end
-        pieces.append(onnx[pos:])
-        return cls(pieces, [(name, end - start) for start, end, name in found], shapes)
+        pieces.append((pos, onnx[pos:]))
+        return cls(len(onnx), pieces, [(name, start, end) for start, end, name in found], shapes)
 
     def feeds(self, onnx: bytes) -> dict[str, np.ndarray] | None:
         """The weights of ``onnx`` by name (aligned float32 copies), if it has this layout."""
-        try:
-            found = _cuts(onnx)
-        except ValueError:
+        if len(onnx) != self.size:
             return None
-        if [(name, end - start) for start, end, name in found] != self.spans:
-            return None
-        pos = 0
-        for (start, end, _), piece in zip(found, self.pieces, strict=False):
-            if onnx[pos:start] != piece:
-                return None
-            pos = end
-        if onnx[pos:] != self.pieces[-1]:
+        view = memoryview(onnx)
+        if any(view[pos : pos + len(piece)] != piece for pos, piece in self.pieces):
             return None
         return {name: np.frombuffer(onnx, "<f4", (end - start) // 4, start).reshape(self.shapes[name]).copy()
-                for start, end, name in found}
-
-
-def _cuts(onnx: bytes) -> list[tuple[int, int, str]]:
-    return sorted((start, end, name) for name, (start, end) in float_initializers(onnx).items())
+                for name, start, end in self.spans}
 
 
 def _first_line(exc: BaseException) -> str:
