@@ -300,3 +300,19 @@ def test_robust_aggregators_survive_scaled_and_flipped_updates(digits_federation
     if factor != -1.0:
         attacked = _final(digits_federation, FedAvg(), att)
         assert attacked < clean_fedavg - 0.3, (attacked, clean_fedavg)
+
+
+def test_the_fold_runs_blas_on_one_thread_and_restores_the_count():
+    from threadpoolctl import ThreadpoolController
+
+    from cloud.strategies import _one_blas_thread
+
+    blas = ThreadpoolController().select(user_api="blas")
+    if not blas.lib_controllers:
+        pytest.skip("no BLAS library that threadpoolctl can control")
+    with blas.limit(limits=2):
+        with _one_blas_thread():
+            assert {lib.get_num_threads() for lib in blas.lib_controllers} == {1}
+        assert {lib.get_num_threads() for lib in blas.lib_controllers} == {2}
+        with blas.limit(limits=1), _one_blas_thread():  # already at one: left alone
+            assert {lib.get_num_threads() for lib in blas.lib_controllers} == {1}
