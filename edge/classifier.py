@@ -4,14 +4,6 @@ only call ``predict_proba``) run on it unchanged.
 The ONNX graph is the one ``kernel.models.export_onnx`` writes: input ``x`` float32 (n, C, H, W)
 with a dynamic batch axis and static C, H, W; output ``logits`` (n, K). Probabilities are the
 softmax of the logits. The edge never trains: :meth:`OnnxClassifier.fit` raises.
-
-Building an onnxruntime session is most of what loading a model costs (0.4 ms for the digits MLP
-here, 1.2 ms in a process that was idle; far more for a CNN on a Raspberry Pi), while a new
-version of the global model differs from the last only in its weights. The models fogfl exports
-list their weights as graph inputs too (:func:`kernel.models.export_onnx`), so onnxruntime accepts
-new values for them with each run: :meth:`OnnxClassifier.reweighted` checks that a new file is the
-same graph with other weights and returns a classifier that feeds those to the session it already
-has (the same outputs as a new session, bit for bit; tests hold it).
 """
 
 from __future__ import annotations
@@ -23,7 +15,6 @@ import onnxruntime as ort
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kernel.errors import ModelError
-from kernel.onnx_wire import float_initializers
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +45,6 @@ class OnnxClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, onnx: bytes, threads: int = 1) -> None:
         self.onnx = onnx
         self.threads = threads
-        self._feeds: dict[str, np.ndarray] = {}
         self._build()
 
     # -- construction ---------------------------------------------------------------------------
@@ -93,27 +83,6 @@ class OnnxClassifier(ClassifierMixin, BaseEstimator):
         if probe.ndim != 2 or probe.shape[0] != 1 or probe.shape[1] < 1:
             raise ModelError(f"ONNX model returns logits of shape {probe.shape} for one sample, expected (1, K)")
         self.classes_ = np.arange(probe.shape[1], dtype=np.int64)
-        self._layout = _Layout.of(bytes(self.onnx), sess)
-
-    def reweighted(self, onnx: bytes) -> OnnxClassifier | None:
-        """A classifier for ``onnx`` that runs on this one's session, if ``onnx`` is this model's
-        graph with other weights: every byte equal but the values of float initializers that
-        onnxruntime lets a caller override. None otherwise (another graph, a file that lists its
-        weights only as initializers, bytes of another length): build a new classifier then. The
-        graph is the one this classifier checked, so input and output shapes are too; what the new
-        values make of the outputs (NaN, say) is for the caller to check, as
-        :meth:`edge.node.EdgeNode` does for every model. This classifier is unchanged either way."""
-        if self._layout is None:
-            return None
-        onnx = onnx if isinstance(onnx, bytes) else bytes(onnx)
-        feeds = self._layout.feeds(onnx)
-        if feeds is None:
-            return None
-        clf = OnnxClassifier.__new__(OnnxClassifier)
-        clf.onnx, clf.threads, clf._session, clf._layout = onnx, self.threads, self._session, self._layout
-        clf.in_shape_, clf.n_features_in_, clf.classes_ = self.in_shape_, self.n_features_in_, self.classes_
-        clf._feeds = feeds
-        return clf
 
     # -- scikit-learn protocol --------------------------------------------------------------------
     def __sklearn_is_fitted__(self) -> bool:
@@ -142,7 +111,7 @@ class OnnxClassifier(ClassifierMixin, BaseEstimator):
         x = self._as_input(X)
         if len(x) == 0:
             return np.empty((0, len(self.classes_)), np.float32)
-        parts = [self._session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + _BATCH], **self._feeds})[0]
+        parts = [self._session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + _BATCH]})[0]
                  for i in range(0, len(x), _BATCH)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -164,56 +133,7 @@ class OnnxClassifier(ClassifierMixin, BaseEstimator):
     def __setstate__(self, state: dict) -> None:
         self.onnx = state["onnx"]
         self.threads = state["threads"]
-        self._feeds = {}
         self._build()
-
-
-class _Layout:
-    """Where a model file keeps the weights a session lets a caller override: the file cut at the
-    ``raw_data`` of those float initializers. A file of the same length whose bytes outside the
-    cuts are equal, at the same offsets, is the same protobuf message but for those values (every
-    tag and length prefix lies outside the cuts, and a ``raw_data`` field's content is opaque), so
-    it needs no parsing: its weights are at the same offsets."""
-
-    def __init__(self, size: int, pieces: list[tuple[int, bytes]], spans: list[tuple[str, int, int]],
-                 shapes: dict[str, tuple[int, ...]]) -> None:
-        self.size = size
-        self.pieces = pieces  # (offset, bytes) before, between and after the weights
-        self.spans = spans  # (initializer name, start, end), in file order
-        self.shapes = shapes
-
-    @classmethod
-    def of(cls, onnx: bytes, sess: ort.InferenceSession) -> _Layout | None:
-        shapes = {}
-        for arg in sess.get_overridable_initializers():
-            shape = arg.shape
-            if arg.type != "tensor(float)" or not all(isinstance(d, int) and d >= 0 for d in shape):
-                return None
-            shapes[arg.name] = tuple(shape)
-        try:
-            found = sorted((start, end, name) for name, (start, end) in float_initializers(onnx).items())
-        except ValueError:
-            return None
-        if not shapes or {name for _, _, name in found} != set(shapes):
-            return None  # weights stored as plain initializers (an older export): nothing to feed
-        if any(end - start != 4 * int(np.prod(shapes[name])) for start, end, name in found):
-            return None
-        pieces, pos = [], 0
-        for start, end, _ in found:
-            pieces.append((pos, onnx[pos:start]))
-            pos = end
-        pieces.append((pos, onnx[pos:]))
-        return cls(len(onnx), pieces, [(name, start, end) for start, end, name in found], shapes)
-
-    def feeds(self, onnx: bytes) -> dict[str, np.ndarray] | None:
-        """The weights of ``onnx`` by name (aligned float32 copies), if it has this layout."""
-        if len(onnx) != self.size:
-            return None
-        view = memoryview(onnx)
-        if any(view[pos : pos + len(piece)] != piece for pos, piece in self.pieces):
-            return None
-        return {name: np.frombuffer(onnx, "<f4", (end - start) // 4, start).reshape(self.shapes[name]).copy()
-                for name, start, end in self.spans}
 
 
 def _first_line(exc: BaseException) -> str:

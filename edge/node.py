@@ -151,10 +151,7 @@ class EdgeNode:
             log.info("%s: ignoring model v%d, already on v%d", self.edge_id, msg.version, self.model_version)
         elif self.model is None or msg.version != self.model_version or digest != self.model_sha:
             try:
-                # the same graph with new weights runs on the session this edge has (no new session)
-                clf = self.model.reweighted(msg.onnx) if self.model is not None else None
-                if clf is None:
-                    clf = OnnxClassifier(msg.onnx, threads=self.threads)
+                clf = OnnxClassifier(msg.onnx, threads=self.threads)
                 self._check_fits(clf)
             except ModelError as exc:
                 return self._reject("model", f"EdgeModel v{msg.version}: {exc}")

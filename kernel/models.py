@@ -176,11 +176,7 @@ def export_onnx(model: nn.Module, in_shape: tuple[int, ...] | list[int]) -> byte
     """ONNX bytes (weights embedded), input ``x`` (n, C, H, W) float32, output ``logits``.
 
     Uses the TorchScript exporter (``dynamo=False``): it needs no onnxscript and embeds the
-    weights in one buffer instead of a side ``.data`` file. The weights are initializers that are
-    also listed as graph inputs (``keep_initializers_as_inputs``): onnxruntime then lets a caller
-    feed new values for them, so an edge swaps in the next version's weights without building a
-    new session (:meth:`edge.classifier.OnnxClassifier.reweighted`). Unfed, they hold the values
-    stored in the file."""
+    weights in one buffer instead of a side ``.data`` file."""
     model = model.eval()
     buf = io.BytesIO()
     dummy = torch.zeros((1, *in_shape), dtype=torch.float32)
@@ -188,7 +184,6 @@ def export_onnx(model: nn.Module, in_shape: tuple[int, ...] | list[int]) -> byte
         torch.onnx.export(
             model, (dummy,), buf, dynamo=False, input_names=["x"], output_names=["logits"],
             dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, opset_version=17,
-            keep_initializers_as_inputs=True,
         )
     return buf.getvalue()
 

@@ -357,24 +357,3 @@ def test_the_outbox_journal_records_each_batch_and_its_ack(cfg, onnx_v1, tmp_pat
     assert again.acted_rounds == [1] and again.pool_size == node.pool_size and again.outbox.next_seq() == 2
     assert again.outbox.pending() == [] and [e.msg for e in again.outbox.recorded()] == p1
     assert not node.delivered(p1[0]) and not node.delivered(99)
-
-
-def test_a_new_model_version_reuses_the_session_and_a_broken_one_is_refused(cfg, data, onnx_v1, onnx_v2):
-    from kernel.onnx_wire import float_initializers
-
-    ds, _ = data
-    node = EdgeNode(cfg, EDGE)
-    node.on_model(model_msg(onnx_v1, 1))
-    session = node.model._session
-    node.on_model(model_msg(onnx_v2, 2))
-    assert node.model_version == 2 and node.model._session is session  # no new session for new weights
-    probe = ds.x[node.pool_ids[:16]]
-    np.testing.assert_array_equal(node.model.decision_function(probe), OnnxClassifier(onnx_v2).decision_function(probe))
-    # v3: v2's graph with NaN weights (checksum right): rejected, v2 keeps running
-    broken = bytearray(onnx_v2)
-    start, end = next(iter(float_initializers(onnx_v2).values()))
-    broken[start:end] = np.full((end - start) // 4, np.nan, "<f4").tobytes()
-    assert node.on_model(model_msg(bytes(broken), 3)) == []
-    assert node.rejected == 1 and node.model_version == 2
-    np.testing.assert_array_equal(node.model.decision_function(probe), OnnxClassifier(onnx_v2).decision_function(probe))
-    assert batch_of(node.on_announcement(announce(cfg, 1, version=2))).model_version == 2

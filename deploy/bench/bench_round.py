@@ -14,8 +14,8 @@ reported beside it as the *steady state*: the pool, and so the training, grows w
 both engines, and the networked fogs train in parallel on the two cores, so the networked round's
 fixed cost per round (its messages, and the caches each process finds cold after idling; see
 ``idle_penalty``) weighs less there. In a traced run (session 7) an edge's round step (model
-load + query) cost 1.6-1.85 ms of CPU networked in round 2 and 1.6-1.7 ms in rounds 15..24;
-in-process ~1.2 and ~1.05 ms.
+load + query) cost 2.7-3.0 ms of CPU networked in round 2 and ~2.5 ms in rounds 15..24;
+in-process ~1.7 and ~1.5 ms (tracing's own cost included).
 
 One networked run and one in-process run make a pair; the benchmark runs ``repeats`` pairs one
 after the other (5 by default, 1 with ``--quick``) and takes the medians over every pair's
@@ -24,9 +24,8 @@ own ratio is in the JSON too.
 
 Beside the ratio, ``idle_penalty`` measures what idling costs a process on the machine: one
 edge's round step run back to back, and after 30 ms of sleep (as a networked node idles between
-its messages). On the 2-core test VM the second cost 2-3x the CPU of the first while
-edges built a new ONNX session per model, ~4x since they reuse it (the step got cheaper, what
-idling costs did not); the in-process engine never idles.
+its messages). On the 2-core test VM the second costs 2-3x the CPU of the first; the
+in-process engine never idles.
 
 The broker is Mosquitto if installed, configured as ``deploy/mosquitto/fogfl.conf`` recommends
 for latency (``set_tcp_nodelay true``), else the embedded amqtt broker."""
