@@ -311,8 +311,11 @@ def test_the_fold_runs_blas_on_one_thread_and_restores_the_count():
     if not blas.lib_controllers:
         pytest.skip("no BLAS library that threadpoolctl can control")
     with blas.limit(limits=2):
+        before = [lib.get_num_threads() for lib in blas.lib_controllers]
+        if max(before) < 2:
+            pytest.skip("the BLAS libraries run one thread on this machine whatever they are told")
         with _one_blas_thread():
             assert {lib.get_num_threads() for lib in blas.lib_controllers} == {1}
-        assert {lib.get_num_threads() for lib in blas.lib_controllers} == {2}
+        assert [lib.get_num_threads() for lib in blas.lib_controllers] == before
         with blas.limit(limits=1), _one_blas_thread():  # already at one: left alone
             assert {lib.get_num_threads() for lib in blas.lib_controllers} == {1}
