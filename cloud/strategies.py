@@ -236,6 +236,8 @@ class FedAvg(Strategy):
         self._acc: Params | None = None
         self._totals: dict[int, float] = {}
         self._scratch: np.ndarray | None = None
+        # (tensor, [(weight key, slice, flat view of the accumulator)]): see _alloc
+        self._plan: list[tuple[str, list[tuple[int, slice | None, np.ndarray]]]] = []
 
     # segments: (weight key, slice along dim 0 or None); FedAvg has one key for everything
     def _segments(self, name: str) -> list[tuple[int, slice | None]]:
@@ -246,12 +248,18 @@ class FedAvg(Strategy):
 
     def _reset(self) -> None:
         self._acc = None
+        self._plan = []
         self._totals = {}
         self._scratch = None
 
     def _alloc(self, masked: bool) -> None:
         dtype = np.float64 if (masked or self.precision == "float64") else np.float32
         self._acc = {k: np.zeros(g.shape, dtype=dtype) for k, g in self._global.items()}
+        # each tensor's segments as flat views of the accumulator, worked out once a round rather
+        # than per update (the bookkeeping per update was ~20 us, 5 % of folding a 2 M model)
+        self._plan = [(name, [(key, sl, (acc if sl is None else acc[sl]).reshape(-1))
+                              for key, sl in self._segments(name)])
+                      for name, acc in self._acc.items()]
         if dtype == np.float64:
             self._scratch = np.empty(_CHUNK, dtype=np.float64)
 
@@ -269,23 +277,20 @@ class FedAvg(Strategy):
             for key, w in weights.items():
                 self._totals[key] = self._totals.get(key, 0.0) + w
         with _one_blas_thread():
-            for name, acc in self._acc.items():
-                u = _f32(update[name])
-                for key, sl in self._segments(name):
+            for name, segments in self._plan:
+                u = update[name]
+                if u.dtype != np.float32 or not u.flags.c_contiguous:
+                    u = _f32(u)
+                for key, sl, y in segments:
                     w = weights[key]
-                    if w == 0.0:
-                        continue
-                    if sl is None:
-                        self._axpy(acc, u, w)
-                    else:
-                        self._axpy(acc[sl], u[sl], w)
+                    if w != 0.0:
+                        self._axpy(y, (u if sl is None else u[sl]).reshape(-1), w)
 
     def _weight_keys(self) -> list[int]:
         return [0]
 
-    def _axpy(self, acc: np.ndarray, u: np.ndarray, w: float) -> None:
-        """acc += w * u in place (acc and u are C-contiguous, same shape)."""
-        y, x = acc.reshape(-1), u.reshape(-1)
+    def _axpy(self, y: np.ndarray, x: np.ndarray, w: float) -> None:
+        """y += w * x in place (y and x flat, contiguous, the same size)."""
         n = x.size
         if n == 0:
             return
