@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kernel.config import RunConfig, load_config
 from kernel.errors import ConfigError, FogflError
-from kernel.runtime import own_process
+from kernel.runtime import own_process, parse_cpu_list, pin_cpus
 from protos.errors import WireError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -72,13 +72,19 @@ def _setup_logging(level: str) -> None:
 
 
 # --------------------------------------------------------------------------- subcommands
+def _pin(args: argparse.Namespace) -> None:
+    """``--cpus``: restrict the node process to those CPUs before it starts any thread."""
+    if args.cpus is not None:
+        pin_cpus(parse_cpu_list(args.cpus))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from deploy.launcher import run
 
     cfg = config_from_args(args)
     own_process()  # the launcher; with --engine inprocess, the whole federation
     return run(cfg, out=args.out, engine=args.engine, attack=not args.no_attack, quiet=args.quiet,
-               timeout=args.timeout)
+               timeout=args.timeout, placement=args.placement)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -95,6 +101,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
+    _pin(args)
     cfg = config_from_args(args)
     own_process(malloc=True)  # it moves models over gRPC
     if args.port is not None:
@@ -127,6 +134,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
 
 def cmd_fog(args: argparse.Namespace) -> int:
+    _pin(args)
     cfg = config_from_args(args)
     if args.id not in cfg.fog_ids():
         raise ConfigError(f"--id {args.id!r} is not a fog of this topology ({cfg.topology.fogs} fogs: fog-0 …)")
@@ -139,6 +147,7 @@ def cmd_fog(args: argparse.Namespace) -> int:
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
+    _pin(args)
     cfg = config_from_args(args)
     cfg.edge_index(args.id)  # validates the id against the topology
     own_process()
@@ -208,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<run_id>-<timestamp>; runs/latest links to it)")
     p.add_argument("--mqtt", metavar="HOST:PORT", help="use this broker (e.g. Mosquitto) instead of the embedded one")
     p.add_argument("--engine", choices=["network", "inprocess"], default="network")
+    p.add_argument("--placement", choices=["fog-groups", "none"], default="fog-groups",
+                   help="network engine, Linux: each fog with its edges on its own share of the CPUs "
+                        "(default), or none: leave the processes to the OS scheduler")
     p.add_argument("--no-attack", action="store_true", help="skip the leakage check at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
@@ -226,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tap", metavar="DIR", help="curious cloud: record every update with the model served for it")
     p.add_argument("--malicious", choices=["mkor"], help="malicious cloud: serve manipulated parameters")
     p.add_argument("--target", metavar="FOG_ID", help="the fog the malicious cloud targets")
+    p.add_argument("--cpus", metavar="LIST", help="run on these CPUs only, e.g. 0 or 0,2 or 0-3 (Linux)")
     p.set_defaults(func=cmd_cloud)
 
     p = sub.add_parser("fog", help="a fog gateway")
@@ -235,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="the cloud's (or a tap's) gRPC address")
     p.add_argument("--state", help="directory for the durable sample pool")
     p.add_argument("--truth", help="testbed only: write each round's training samples here, for scoring")
+    p.add_argument("--cpus", metavar="LIST", help="run on these CPUs only, e.g. 0 or 0,2 or 0-3 (Linux)")
     p.set_defaults(func=cmd_fog)
 
     p = sub.add_parser("edge", help="an edge device (no torch)")
@@ -244,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", help="directory for the durable outbox")
     p.add_argument("--model", metavar="FILE.onnx", help="start with this ONNX model as version 0 (e.g. the "
                    "cloud's checkpoints/latest.onnx); the fog's models replace it")
+    p.add_argument("--cpus", metavar="LIST", help="run on these CPUs only, e.g. 0 or 0,2 or 0-3 (Linux)")
     p.set_defaults(func=cmd_edge)
 
     p = sub.add_parser("tap", help="transparent gRPC proxy between fogs and the cloud that records updates")

@@ -9,6 +9,11 @@ MQTT to show progress, and collects the run directory:
     <out>/accuracy.png     accuracy and labels used per round
     <out>/logs/*.log       one log per process
     <out>/captures/        the curious cloud's captures and (testbed) ground truth
+
+On Linux the launcher places each fog with its edges on its own share of the machine's CPUs
+(``--cpus`` of ``fogfl fog|edge``; :func:`place_fog_groups`), as a fog gateway and the edge
+devices of its site share no hardware with another site. The cloud and the broker are not
+pinned. ``fogfl run --placement none`` leaves all of it to the OS scheduler.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from deploy.broker import free_port
 from kernel.config import RunConfig, dump_config
 from kernel.errors import ConnectError, FogflError
 from kernel.mqtt import MqttLink
-from kernel.runtime import settle_heap
+from kernel.runtime import format_cpu_list, settle_heap, usable_cpus
 from protos.control import RoundMetrics
 from protos.errors import WireError
 from protos.topics import Topics
@@ -76,11 +81,55 @@ def make_run_dir(cfg: RunConfig, out: str | None) -> Path:
     return d
 
 
+PLACEMENTS = ("fog-groups", "none")
+
+
+def place_fog_groups(cfg: RunConfig, cpus: frozenset[int]) -> tuple[dict[str, frozenset[int]], str]:
+    """The CPUs of each fog and of each of its edges when one machine runs the whole federation:
+    each fog and its edges get an equal share of ``cpus`` (a block of CPUs each when there are more
+    CPUs than fogs, a CPU per fog, round-robin, when there are more fogs). Returns the placement
+    (node name -> CPUs; empty: nothing pinned) and a one-line account of it.
+
+    Why: the small preset's 8 processes (2 fogs x 2 edges, the cloud, the broker, the launcher) on
+    2 CPUs, left to the scheduler, move between the CPUs and evict one another's caches. With each
+    fog's group on its own CPU, a networked round (rounds 2..8, median of a run) took 19.9-24.1 ms
+    against 25.8-27.9 ms unpinned (4 interleaved runs each); 2 fogs x 3 edges 27.3-31.0 against
+    30.1-34.5 ms; 4 fogs x 1 edge (two groups per CPU) 32.2-37.6 against 33.1-38.4 ms, no clear
+    difference (docs/benchmarks.md, session 8). Shares that cannot be equal (3 fogs on 2 CPUs)
+    would give one CPU more of the round's work than the others, so nothing is pinned then."""
+    names = {fog: [fog, *cfg.edge_ids(fog)] for fog in cfg.fog_ids()}
+    order = sorted(cpus)
+    n, fogs = len(order), len(names)
+    if n < 2:
+        return {}, f"not pinned: {n} CPU usable"
+    if fogs == 1:
+        return {}, "not pinned: one fog group, every CPU"
+    if cfg.topology.fraction < 1:
+        # the fogs selected change every round: a group's fixed share would idle while the others work
+        return {}, "not pinned: a fraction of the fogs takes part in each round"
+    if fogs % n and n % fogs:
+        return {}, f"not pinned: {fogs} fog groups do not share {n} CPUs equally"
+    out: dict[str, frozenset[int]] = {}
+    for i, group in enumerate(names.values()):
+        share = frozenset(order[i * n // fogs:(i + 1) * n // fogs]) if n >= fogs else frozenset({order[i % n]})
+        out |= {name: share for name in group}
+    per = n // fogs if n >= fogs else 1
+    return out, (f"each fog with its edges on {per} of {n} CPUs" if n >= fogs else
+                 f"{fogs // n} fog groups per CPU, {n} CPUs")
+
+
 class NetworkRun:
-    def __init__(self, cfg: RunConfig, out: Path, attack: bool) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, attack: bool, placement: str = "fog-groups") -> None:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
         self.cfg = cfg.model_copy(deep=True)
         self.out = out
         self.attack = attack
+        if placement == "fog-groups" and hasattr(os, "sched_setaffinity"):
+            self.cpus, self.placement = place_fog_groups(self.cfg, usable_cpus())
+        else:
+            self.cpus, self.placement = {}, "not pinned (--placement none)" if placement == "none" else \
+                "not pinned: this OS cannot restrict a process to CPUs"
         self.children: list[Child] = []
         self.arrivals: dict[int, float] = {}  # round -> monotonic time its metrics reached the launcher
         (out / "logs").mkdir(exist_ok=True)
@@ -92,6 +141,8 @@ class NetworkRun:
         env.setdefault("FOGFL_LOG_LEVEL", "INFO")
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")  # many small processes on few cores
+        if name in self.cpus:
+            argv = [*argv, "--cpus", format_cpu_list(self.cpus[name])]
         proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         fh.close()
@@ -250,7 +301,7 @@ def print_summary(metrics: dict, out: Path) -> None:
 
 
 def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack: bool = True, quiet: bool = False,
-        timeout: float = 900.0) -> int:
+        timeout: float = 900.0, placement: str = "fog-groups") -> int:
     run_dir = make_run_dir(cfg, out)
     t0 = time.monotonic()
     arrivals: dict[int, float] = {}
@@ -259,7 +310,8 @@ def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack:
 
         run_inprocess(cfg, run_dir, capture=attack, progress=not quiet)
     else:
-        net = NetworkRun(cfg, run_dir, attack)
+        net = NetworkRun(cfg, run_dir, attack, placement)
+        log.info("placement: %s", net.placement)
         try:
             net.start()
             settle_heap()  # this process times the rounds: no full collection in the middle of one
@@ -275,6 +327,8 @@ def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack:
     metrics["engine"] = engine
     if engine != "inprocess":
         metrics["round_period_s"] = round_periods(arrivals)
+        metrics["placement"] = {"summary": net.placement,
+                                "cpus": {name: format_cpu_list(c) for name, c in net.cpus.items()}}
     if attack:
         from deploy.leakage import leakage_check
 

@@ -6,6 +6,8 @@ Library code never changes the process it is imported into: the node services ca
 the transfer benchmark's two processes). The standard library only (the edge imports this).
 
 - :func:`tune_malloc` keeps gRPC's message buffers in the heap for reuse.
+- :func:`pin_cpus` restricts the process to some CPUs (``--cpus`` of ``fogfl cloud|fog|edge``;
+  ``fogfl run`` places each fog with its edges that way: ``deploy.launcher.place_fog_groups``).
 - :func:`settle_heap`, called by a node once it is built and about to go online, runs one full
   garbage collection and moves every object that survives it (the imported modules, above all
   torch's, scikit-learn's and onnxruntime's) into the permanent generation (``gc.freeze``), where
@@ -25,7 +27,10 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import time
+
+from kernel.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +96,53 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20)
     if not ok:
         log.debug("mallopt refused the thresholds; malloc left as it was")
     return ok
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """CPU numbers written as ``taskset -c`` and Linux's ``cpuset`` do: ``"0"``, ``"0,2"``,
+    ``"0-3,6"``. A :class:`ConfigError` on anything else."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if sep else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise ConfigError(f"--cpus {text!r}: expected CPU numbers such as 0 or 0,2 or 0-3") from None
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus: set[int] | frozenset[int]) -> str:
+    """The shortest :func:`parse_cpu_list` spelling of ``cpus`` (``{0, 1, 2, 5}`` -> ``"0-2,5"``)."""
+    out: list[str] = []
+    for c in sorted(cpus):
+        if out and out[-1].rsplit("-", 1)[-1] == str(c - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
+
+
+def usable_cpus() -> frozenset[int]:
+    """The CPUs this process may run on (its affinity mask: a cgroup cpuset or ``taskset``
+    narrows it), or all of ``os.cpu_count()`` where the OS has no affinity call."""
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def pin_cpus(cpus: frozenset[int]) -> None:
+    """Run this process, and every thread it starts from now on, on ``cpus`` only. Call it first
+    thing in a node's entry point, before any thread exists (threads inherit the mask they are
+    created with). A :class:`ConfigError` when the OS cannot (not Linux) or when none of ``cpus``
+    is usable here."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("--cpus: this operating system cannot restrict a process to CPUs (Linux only)")
+    usable = usable_cpus()
+    if not cpus or not cpus <= usable:
+        raise ConfigError(f"--cpus {format_cpu_list(cpus)}: this process may only use CPUs "
+                          f"{format_cpu_list(usable)}")
+    os.sched_setaffinity(0, cpus)
+    log.info("pinned to CPUs %s", format_cpu_list(cpus))

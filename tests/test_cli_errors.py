@@ -77,3 +77,13 @@ def test_malformed_study_grid(tmp_path):
     grid.write_text("name: g\nbase: {presets: [small]}\naxes:\n  samplng: [random]\n")
     line = one_line_error(fogfl("study", str(grid), "--out", str(tmp_path / "out"), "--quiet", timeout=60))
     assert "samplng" in line
+
+
+def test_bad_cpu_list():
+    line = one_line_error(fogfl("edge", "--id", "fog-0.edge-0", "--cpus", "two", timeout=60))
+    assert "--cpus 'two'" in line
+
+
+def test_cpu_not_usable():
+    line = one_line_error(fogfl("fog", "--id", "fog-0", "--cloud", "127.0.0.1:1", "--cpus", "4096", timeout=60))
+    assert "--cpus 4096" in line and "may only use CPUs" in line

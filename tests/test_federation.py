@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from kernel.runtime import usable_cpus
 from tests.helpers import Mosquitto, fogfl
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,15 @@ def _check_run(out, rounds: int) -> dict:
     assert (out / "accuracy.png").stat().st_size > 1000
     logs = {p.stem for p in (out / "logs").glob("*.log")}
     assert {"cloud", "fog-0", "fog-1", "fog-0.edge-0", "fog-1.edge-1"} <= logs
+    # each fog and its edges run on their own share of the CPUs; the cloud floats
+    placed = m["placement"]["cpus"]
+    if len(usable_cpus()) >= 2:
+        assert placed["fog-0"] == placed["fog-0.edge-1"] != placed["fog-1"] == placed["fog-1.edge-0"]
+        for name in ("fog-0", "fog-1.edge-1"):
+            assert f"pinned to CPUs {placed[name]}" in (out / "logs" / f"{name}.log").read_text()
+        assert "cloud" not in placed and "pinned" not in (out / "logs" / "cloud.log").read_text()
+    else:
+        assert placed == {}
     return m
 
 
