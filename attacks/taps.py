@@ -55,6 +55,13 @@ class CaptureRecorder:
         log.info("captured %s round %d -> %s", obs.fog_id, obs.round, path)
 
 
+def _forward_refusal(exc: grpc.RpcError, context) -> None:
+    """End the proxied call as the cloud ended it: status, details and trailing metadata (the
+    round a refused request for a next round's model was about)."""
+    context.set_trailing_metadata(tuple(exc.trailing_metadata() or ()))
+    context.abort(exc.code(), exc.details() or "upstream failed")
+
+
 class TapProxy(pb_grpc.AggregatorServicer):
     def __init__(self, upstream: str, out_dir: Path | str) -> None:
         self.upstream = upstream
@@ -72,7 +79,7 @@ class TapProxy(pb_grpc.AggregatorServicer):
                 recorded.append(chunk)
                 yield chunk
         except grpc.RpcError as exc:
-            context.abort(exc.code(), exc.details() or "upstream failed")
+            _forward_refusal(exc, context)
         try:
             header, payload = assemble_chunks(recorded, "model_header")
         except WireError as exc:
@@ -85,7 +92,7 @@ class TapProxy(pb_grpc.AggregatorServicer):
         try:
             reply = self.stub.FetchModel(request, timeout=context.time_remaining())
         except grpc.RpcError as exc:  # e.g. a model too large for one message: the fog streams it
-            context.abort(exc.code(), exc.details() or "upstream failed")
+            _forward_refusal(exc, context)
         try:
             header, payload = assemble_chunks(
                 as_stream(pb.Chunk(model_header=reply.header), reply.data, reply.trailer), "model_header")

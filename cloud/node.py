@@ -5,6 +5,7 @@ same wire bytes:
 
     ann = node.start_round()                       # -> Announcement (published on MQTT)
     header, payload = node.serve_model(fog_id)      # -> model download stream
+    status, rnd, header, payload = node.serve_next(fog_id, round_, wait_s)  # the same, once round_ opens
     ack = node.receive_update(update_header, payload)  # <- update upload stream
     if node.round_complete(): metrics = node.finish_round()
 
@@ -76,6 +77,7 @@ class _Round:
     announcement: Announcement
     started: float
     selected: set[str]
+    announcement_json: bytes = b""  # as published on MQTT and handed to fogs that asked ahead
     received: dict[str, pb.UpdateHeader] = field(default_factory=dict)
     served: dict[str, bytes] = field(default_factory=dict)  # fog -> payload actually served
     transformed: set[str] = field(default_factory=set)
@@ -133,6 +135,8 @@ class CloudNode:
         self.rejected_total = 0
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)  # notified on every accepted update
+        self._opened = threading.Condition(self._lock)  # notified when a round opens and when the run ends
+        self.run_over = False
         self._ckpt_pool: ThreadPoolExecutor | None = None
         self._ckpt_futures: list = []
         self._fold_pool: ThreadPoolExecutor | None = None
@@ -201,10 +205,45 @@ class CloudNode:
                 min_updates=min(min_updates, len(selected)), acquisition=self.cfg.acquisition, train=train,
                 issued_at=_issued_at(),
             )
-            self.current = _Round(self.round_no, ann, time.monotonic(), set(selected))
+            self.current = _Round(self.round_no, ann, time.monotonic(), set(selected), ann.to_json())
             self.strategy.begin_round(self.params, self.spec)
             log.info("round %d: model v%d, %d fogs selected", self.round_no, self.version, len(selected))
+            self._opened.notify_all()
             return ann
+
+    def end_run(self) -> None:
+        """No round will open any more: fogs waiting for the next one are told so."""
+        with self._lock:
+            self.run_over = True
+            self._opened.notify_all()
+
+    def serve_next(self, fog_id: str, round_: int, wait_s: float,
+                   active: Callable[[], bool] = lambda: True) -> tuple[str, int, pb.ModelHeader | None, bytes]:
+        """The model of round ``round_`` or a later one for ``fog_id``, waiting up to ``wait_s`` for
+        such a round to open (a fog asks as soon as it has uploaded, and so learns of the next round
+        without waiting for the announcement on MQTT): ``(status, round, header, payload)``, status
+        one of ``"open"`` (header and payload as :meth:`serve_model`, the header carrying the
+        round's announcement), ``"not_selected"`` (the open round ``round`` does not include this
+        fog), ``"timeout"``, ``"over"`` (the run has ended) or ``"gone"`` (``active()`` turned false:
+        the asker went away; checked every 0.5 s)."""
+        end = time.monotonic() + wait_s
+        with self._opened:
+            while True:
+                if self.run_over:
+                    return "over", self.round_no, None, b""
+                rnd = self.current
+                if rnd is not None and rnd.number >= round_:
+                    if fog_id not in rnd.selected:
+                        return "not_selected", rnd.number, None, b""
+                    header, payload = self.serve_model(fog_id, rnd.number)
+                    header.announcement = rnd.announcement_json.decode()
+                    return "open", rnd.number, header, payload
+                left = end - time.monotonic()
+                if left <= 0:
+                    return "timeout", self.round_no, None, b""
+                if not active():
+                    return "gone", self.round_no, None, b""
+                self._opened.wait(min(left, 0.5))
 
     def done_announcement(self) -> Announcement:
         return Announcement(kind="done", run_id=self.cfg.run_id, round=self.round_no,

@@ -29,6 +29,7 @@ from protos.codec import (
     receive_stream,
     serialize_chunk,
 )
+from protos.control import ROUND_METADATA
 from protos.envelope import Publish
 from protos.errors import WireError
 from protos.topics import Topics
@@ -46,24 +47,68 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     as with the generated registration (``add_AggregatorServicer_to_server``), which works too.
     """
 
-    def __init__(self, node: CloudNode) -> None:
+    MAX_WAIT_S = 30.0  # the longest a request asking ahead (ModelRequest.wait_ms) is held
+
+    def __init__(self, node: CloudNode, max_waiting: int = 4) -> None:
         self.node = node
         self.rejected = 0
+        # requests asking ahead hold a server thread each while they wait: at most this many
+        # (start_grpc_server gives the server 8), so that uploads always find a thread
+        self.max_waiting = max_waiting
+        self._waiting = 0
+        self._wait_lock = threading.Lock()
+        # requests ahead by outcome: open (served), busy (at the cap), not_selected, timeout, over, gone
+        self.ahead = dict.fromkeys(("open", "busy", "not_selected", "timeout", "over", "gone"), 0)
 
-    def _served(self, request: pb.ModelRequest) -> tuple[pb.ModelHeader, bytes, str | None]:
-        header, payload = self.node.serve_model(request.fog_id, request.round)
+    def _served(self, request: pb.ModelRequest, context) -> tuple[pb.ModelHeader, bytes, str | None]:
+        if request.wait_ms:
+            header, payload = self._served_ahead(request, context)
+        else:
+            header, payload = self.node.serve_model(request.fog_id, request.round)
         log.debug("serving v%d (%d bytes) to %s", header.version, len(payload), request.fog_id)
         # the global model is hashed once per version; a payload a serve hook made for this fog
         # (None here) is hashed chunk by chunk as it streams
         return header, payload, self.node.payload_digest(payload)
 
+    @property
+    def waiting(self) -> int:
+        """Requests for a next round's model held now."""
+        return self._waiting
+
+    def _served_ahead(self, request: pb.ModelRequest, context) -> tuple[pb.ModelHeader, bytes]:
+        """A request for round ``request.round`` or later, held until it opens (see ModelRequest)."""
+        with self._wait_lock:
+            if self._waiting >= self.max_waiting:
+                self.ahead["busy"] += 1
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self._waiting} requests already wait for the next round: wait for its announcement")
+            self._waiting += 1
+        try:
+            status, rnd, header, payload = self.node.serve_next(
+                request.fog_id, int(request.round), min(request.wait_ms / 1000, self.MAX_WAIT_S), context.is_active)
+        finally:
+            with self._wait_lock:
+                self._waiting -= 1
+        with self._wait_lock:
+            self.ahead[status] += 1
+        if status == "open":
+            assert header is not None
+            return header, payload
+        context.set_trailing_metadata(((ROUND_METADATA, str(rnd)),))
+        if status == "not_selected":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.fog_id} is not selected for round {rnd}")
+        if status == "over":
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"the run is over (last round {rnd})")
+        context.abort(grpc.StatusCode.ABORTED, f"round {request.round} has not opened yet: ask again")
+        raise AssertionError("unreachable")  # context.abort raises
+
     def DownloadModel(self, request: pb.ModelRequest, context):  # noqa: N802 (gRPC naming)
-        header, payload, digest = self._served(request)
+        header, payload, digest = self._served(request, context)
         yield from iter_chunks(pb.Chunk(model_header=header), payload, digest=digest)
 
     def download_frames(self, request: pb.ModelRequest, context) -> Iterator[bytes]:
         """DownloadModel as serialized ``Chunk`` messages (for the pass-through serializer)."""
-        header, payload, digest = self._served(request)
+        header, payload, digest = self._served(request, context)
         yield from chunk_frames(pb.Chunk(model_header=header), payload, digest=digest)
 
     def UploadUpdate(self, request_iterator, context):  # noqa: N802
@@ -76,7 +121,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         if size > CHUNK_SIZE:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"the model is {size} bytes, more than one {CHUNK_SIZE}-byte message: use DownloadModel")
-        header, payload, digest = self._served(request)
+        header, payload, digest = self._served(request, context)
         return pb.ModelReply(header=header, data=bytes(payload),
                              trailer=pb.Trailer(xxh3_128=digest or payload_digest(payload)))
 
@@ -138,7 +183,7 @@ class CloudService:
         self.stop = stop or threading.Event()
         self.topics = Topics(cfg.run_id)
         self.online: set[str] = set()
-        self.servicer = AggregatorServicer(node)
+        self.servicer = AggregatorServicer(node, max_waiting=cfg.cloud.ask_ahead)
         self.server: grpc.Server | None = None
         self.port = 0
         self.link: MqttLink | None = None
@@ -151,7 +196,9 @@ class CloudService:
             self.online.discard(node_id)
 
     def start(self) -> None:
-        self.server, self.port, _ = start_grpc_server(self.servicer, self.cfg.cloud.host, self.cfg.cloud.port)
+        # requests held for the next round take a thread each: the uploads keep the usual 8
+        self.server, self.port, _ = start_grpc_server(self.servicer, self.cfg.cloud.host, self.cfg.cloud.port,
+                                                      workers=8 + self.cfg.cloud.ask_ahead)
         log.info("gRPC aggregator listening on %s:%d", self.cfg.cloud.host, self.port)
         self.link = MqttLink(self.cfg.mqtt, f"{self.cfg.run_id}-cloud", self.topics.status("cloud"))
         self.link.subscribe(self.topics.status_all, self._on_status)
@@ -177,8 +224,9 @@ class CloudService:
         for _ in range(self.cfg.rounds):
             if self.stop.is_set():
                 break
-            ann = self.node.start_round()
-            self.link.publish(Publish(self.topics.rounds, ann.to_json(), retain=True))
+            self.node.start_round()
+            assert self.node.current is not None
+            self.link.publish(Publish(self.topics.rounds, self.node.current.announcement_json, retain=True))
             self.node.wait_round(self.stop)
             metrics = self.node.finish_round()
             self.node.write_metrics()
@@ -186,12 +234,18 @@ class CloudService:
             # acknowledgement is waited for, before the process may exit: the others would hold
             # the next announcement back by a broker round trip
             self.link.publish(Publish(self.topics.metrics, metrics.to_json(), retain=True), wait=metrics.final)
+        self.node.end_run()  # fogs waiting for a next round are answered now
         done = self.node.done_announcement().to_json()
         self.link.publish(Publish(self.topics.rounds, done, retain=True))  # the fogs
         self.link.publish(Publish(self.topics.done, done, retain=True))  # the edges (and anyone)
         return self.node.history
 
     def close(self) -> None:
+        self.node.end_run()
+        sv = self.servicer
+        log.info("models served to fogs that asked ahead: %d; requests ahead refused: %d (at the cap of %d "
+                 "waiting), %d (not selected), %d (timed out)", sv.ahead["open"], sv.ahead["busy"], sv.max_waiting,
+                 sv.ahead["not_selected"], sv.ahead["timeout"])
         if self.link is not None:
             self.link.close()
         if self.server is not None:

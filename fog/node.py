@@ -74,9 +74,11 @@ class FogNode:
         if ann.kind == "done":
             self.finished = True
             return None
-        if ann.round <= self.last_round or self.fog_id not in ann.selected:
+        if self.fog_id not in ann.selected:
             return None
-        with self._lock:
+        with self._lock:  # the announcement may come from MQTT and with a model asked for ahead at once
+            if ann.round <= self.last_round:
+                return None
             self.announcement, self.announcement_json = ann, bytes(payload)
             self.last_round = ann.round
             self.delivered.setdefault(ann.round, set())

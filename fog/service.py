@@ -27,7 +27,7 @@ from protos.codec import (
     receive_stream,
     serialize_chunk,
 )
-from protos.control import Announcement
+from protos.control import ROUND_METADATA, Announcement
 from protos.envelope import Publish
 from protos.errors import WireError
 from protos.topics import Topics
@@ -71,17 +71,23 @@ class CloudClient:
         except grpc.FutureTimeoutError:
             raise ConnectError(f"cloud at {self.address} did not answer within {timeout:.0f}s") from None
 
-    def download(self, fog_id: str, round_: int) -> tuple[pb.ModelHeader, memoryview]:
+    def download(self, fog_id: str, round_: int, wait_s: float = 0.0) -> tuple[pb.ModelHeader, memoryview]:
         """The model, verified, copied into one reused buffer as it arrives. (Keeping the chunks
         where they arrived, as the cloud does with uploads, was slower here: held until the fog
         decodes them, gRPC's message buffers cannot be reused, and a 51 MB download took ~12 000
         more page faults than the copy into a reused buffer: 0.67-0.72x of a bare stream against
-        0.76-0.86x.)"""
-        request = pb.ModelRequest(fog_id=fog_id, round=round_)
+        0.76-0.86x.)
+
+        ``wait_s`` > 0: the model of round ``round_`` or a later one, the cloud holding the request
+        up to ``wait_s`` until such a round opens (``ModelRequest.wait_ms``; the header then
+        carries the round's announcement). The cloud's refusals (not selected, not open yet, run
+        over, too many waiting) come as ``grpc.RpcError``."""
+        request = pb.ModelRequest(fog_id=fog_id, round=round_, wait_ms=round(wait_s * 1000))
+        timeout = self.timeout + wait_s
         chunks = None
         if self.single_message and self._model_fits is not False:
             try:
-                reply = self._fetch(request, timeout=self.timeout)
+                reply = self._fetch(request, timeout=timeout)
                 chunks = as_stream(pb.Chunk(model_header=reply.header), reply.data, reply.trailer)
                 self._model_fits = True
             except grpc.RpcError as exc:
@@ -90,7 +96,7 @@ class CloudClient:
                 elif not self._unsupported(exc):
                     raise
         if chunks is None:
-            chunks = self._download(request, timeout=self.timeout)
+            chunks = self._download(request, timeout=timeout)
         got = receive_stream(chunks, "model_header")
         self.bytes_down += len(got.payload)
         if got.nonfinite:  # found while the bytes arrived; a model like that is refused, not trained
@@ -126,11 +132,24 @@ class CloudClient:
 
 
 class FogService:
+    """Takes part in the rounds it is selected for. It learns of a round in one of two ways: as
+    soon as it has uploaded (or started), it asks the cloud for the next round's model, and the
+    cloud answers when that round opens, with its announcement (``ModelRequest.wait_ms``); the
+    announcement published on MQTT is the other, for when the cloud cannot hold the request
+    (too many fogs waiting, an older cloud) or is unreachable for a moment. Asking ahead saves
+    the MQTT hop and the request that followed it: ~1.5-3 ms of a 21 ms round on the small preset
+    (docs/benchmarks.md, session 8); across a WAN, one round trip of the two a round began with."""
+
+    ASK_AHEAD_S = 2.0  # how long the cloud may hold one request ahead (then the fog asks again)
+
     def __init__(self, cfg: RunConfig, node: FogNode, cloud_address: str,
                  stop: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.stop = stop or threading.Event()
+        self.ask_ahead = True  # until the cloud shows it cannot hold a request (older than fogfl 0.5)
+        self.taken = 0  # the last round this fog took part in, or learnt it was not selected for
+        self._quiet_until = 0  # do not ask ahead again before having taken part in this round
         self.topics = Topics(cfg.run_id)
         self.cloud = CloudClient(cloud_address)
         self.announcements: queue.Queue[Announcement] = queue.Queue()
@@ -178,22 +197,74 @@ class FogService:
             self.link.publish(Publish(self.topics.edge_model(self.node.fog_id), b"", retain=True))
         log.info("%s online (cloud %s, %d edges)", self.node.fog_id, self.cloud.address, len(self.node.edges))
         while not self.stop.is_set() and not self.node.finished:
+            # only while connected to the broker: a fog that took part in a round while its link
+            # was down would serve its edges nothing, and (amqtt) might lose their batches
+            if self.ask_ahead and self.link.connected and self.taken >= self._quiet_until and self._next_round():
+                continue
             try:
                 ann = self.announcements.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if ann.round != self.node.last_round:
-                continue  # a newer announcement superseded it
-            try:
-                self._take_part(ann)
-            except (grpc.RpcError, WireError, RuntimeError) as exc:
-                detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-                log.error("%s round %d failed: %s", self.node.fog_id, ann.round, detail)
+            if ann.round != self.node.last_round or ann.round <= self.taken:
+                continue  # superseded by a newer one, or its model came ahead
+            self._take_part(ann)
         if self.fatal is not None:
             raise self.fatal
 
-    def _take_part(self, ann: Announcement) -> None:
-        header, payload = self.cloud.download(self.node.fog_id, ann.round)
+    def _next_round(self) -> bool:
+        """Ask the cloud for the model of the next round, held until it opens; take part in it.
+        False when nothing came of it (the caller then looks at the MQTT announcements)."""
+        fog_id = self.node.fog_id
+        try:
+            header, payload = self.cloud.download(fog_id, self.taken + 1, wait_s=self.ASK_AHEAD_S)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.ABORTED:  # held for ASK_AHEAD_S and no round opened: ask again
+                return False
+            if code == grpc.StatusCode.NOT_FOUND:  # not selected for the open round
+                meta = dict(exc.trailing_metadata() or ())
+                if str(meta.get(ROUND_METADATA, "")).isdigit():
+                    self.taken = max(self.taken, int(meta[ROUND_METADATA]))
+                    return True
+            if code == grpc.StatusCode.OUT_OF_RANGE:  # the run is over; the done announcement follows
+                self.ask_ahead = False
+                return False
+            # too many fogs waiting, the cloud away for a moment, ...: rely on the announcement
+            # until this fog has taken part in a round again
+            log.debug("%s: asking ahead for round %d failed (%s: %s); waiting for the announcement",
+                      fog_id, self.taken + 1, code.name, exc.details())
+            self._quiet_until = self.taken + 1
+            return False
+        except WireError as exc:
+            log.error("%s: the model for round %d is unusable: %s", fog_id, self.taken + 1, exc)
+            self._quiet_until = self.taken + 1
+            return False
+        if not header.announcement:  # a cloud that ignores wait_ms served the current model at once
+            log.info("%s: the cloud cannot hold requests ahead; following its announcements", fog_id)
+            self.ask_ahead = False
+            return False
+        ann = self.node.on_announcement(header.announcement.encode())
+        if ann is None:
+            known = self.node.announcement
+            if known is None or known.round != header.round or self.node.last_round != header.round:
+                log.warning("%s: the model served ahead is for round %d, which this fog does not take part in",
+                            fog_id, header.round)
+                self.taken = max(self.taken, int(header.round))
+                return True
+            ann = known  # its announcement came over MQTT first
+        self._take_part(ann, (header, payload))
+        return True
+
+    def _take_part(self, ann: Announcement, fetched: tuple[pb.ModelHeader, memoryview] | None = None) -> None:
+        self.taken = max(self.taken, ann.round)
+        try:
+            self._round(ann, fetched)
+        except (grpc.RpcError, WireError, RuntimeError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+            log.error("%s round %d failed: %s", self.node.fog_id, ann.round, detail)
+
+    def _round(self, ann: Announcement, fetched: tuple[pb.ModelHeader, memoryview] | None) -> None:
+        header, payload = fetched or self.cloud.download(self.node.fog_id, ann.round)
         for pub in self.node.on_model(header, payload):
             self.link.publish(pub)
         deadline = ann.acquisition.deadline_s

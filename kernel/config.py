@@ -76,6 +76,8 @@ class CloudConfig(_Strict):
     min_updates: int = Field(0, ge=0, description="updates needed to close a round (0 = all selected)")
     round_deadline_s: float = Field(60.0, gt=0)
     wait_for_fogs_s: float = Field(60.0, ge=0, description="wait this long for the fogs to come online")
+    ask_ahead: int = Field(4, ge=0, description="requests for the next round's model the cloud holds at once "
+                           "(each a gRPC thread); 0: none, fogs learn of rounds from the MQTT announcements")
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
 
 

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from protos.errors import WireError
 
 SCHEMA_VERSION = 1
+# gRPC trailing metadata of a refused request for a next round's model (ModelRequest.wait_ms):
+# the round the refusal is about
+ROUND_METADATA = "fogfl-round"
 
 
 class _Strict(BaseModel):

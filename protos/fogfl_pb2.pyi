@@ -87,26 +87,30 @@ class LocalHParams(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., epochs: _Optional[int] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., prox_mu: _Optional[float] = ..., shuffle: _Optional[bool] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
-    __slots__ = ("fog_id", "round")
+    __slots__ = ("fog_id", "round", "wait_ms")
     FOG_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     fog_id: str
     round: int
-    def __init__(self, fog_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    wait_ms: int
+    def __init__(self, fog_id: _Optional[str] = ..., round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("version", "round", "arch_json", "total_bytes", "train_json")
+    __slots__ = ("version", "round", "arch_json", "total_bytes", "train_json", "announcement")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ARCH_JSON_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_JSON_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
     version: int
     round: int
     arch_json: str
     total_bytes: int
     train_json: str
-    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., arch_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., train_json: _Optional[str] = ...) -> None: ...
+    announcement: str
+    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., arch_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., train_json: _Optional[str] = ..., announcement: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("fog_id", "round", "base_version", "num_samples", "update_kind", "hparams", "total_bytes", "labels_total", "edge_bytes_up", "edge_bytes_down", "defense", "train_loss", "label_counts")

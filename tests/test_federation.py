@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -39,13 +40,22 @@ def _check_run(out, rounds: int) -> dict:
     return m
 
 
+def _served_ahead(out) -> int:
+    """How many models the cloud served to fogs that asked for the next round ahead (its log)."""
+    found = re.search(r"models served to fogs that asked ahead: (\d+)", (out / "logs" / "cloud.log").read_text())
+    assert found, "the cloud did not log its requests ahead"
+    return int(found.group(1))
+
+
 def test_federation_over_embedded_broker(tmp_path):
+    """With the cloud holding no request ahead, the fogs learn of every round from MQTT."""
     out = tmp_path / "run"
-    proc = fogfl("run", *SMALL, "--out", str(out), "--no-attack", timeout=400)
+    proc = fogfl("run", *SMALL, "--out", str(out), "--no-attack", "--set", "cloud.ask_ahead=0", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = _check_run(out, 3)
     assert m["engine"] == "network"
     assert "broker" in {p.stem for p in (out / "logs").glob("*.log")}
+    assert _served_ahead(out) == 0
 
 
 def test_federation_over_mosquitto(tmp_path):
@@ -57,5 +67,28 @@ def test_federation_over_mosquitto(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         _check_run(out, 3)
         assert "broker" not in {p.stem for p in (out / "logs").glob("*.log")}
+        # the fogs asked for each next round's model as soon as they had uploaded
+        assert _served_ahead(out) >= 2
     finally:
         broker.stop()
+
+
+def test_partial_participation_with_fogs_asking_ahead(tmp_path):
+    """Half the fogs per round: the selected ones get the model they asked for ahead, the others
+    are told they sit the round out and ask for the next."""
+    broker = Mosquitto(tmp_path)
+    try:
+        out = tmp_path / "run"
+        proc = fogfl("run", "--config", "small", "--quiet", "--no-attack", "--out", str(out), "--mqtt",
+                     f"127.0.0.1:{broker.port}", "--set", "topology.fogs=4", "--set", "topology.edges_per_fog=1",
+                     "--set", "topology.fraction=0.5", "--set", "rounds=4", timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        broker.stop()
+    m = json.loads((out / "metrics.json").read_text())
+    assert [r["updates"] for r in m["rounds"]] == [2, 2, 2, 2]
+    assert m["placement"]["cpus"] == {}  # the fogs taking part change every round: nothing pinned
+    log = (out / "logs" / "cloud.log").read_text()
+    assert _served_ahead(out) >= 4
+    left_out = re.search(r"(\d+) \(not selected\)", log)
+    assert left_out and int(left_out.group(1)) >= 2

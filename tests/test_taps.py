@@ -88,3 +88,29 @@ def test_truncated_capture_is_a_one_line_error(cloud_and_tap, tmp_path):
         read_capture(bad)
     assert "truncated" in str(e.value) and "\n" not in str(e.value)
     client.close()
+
+
+def test_tap_forwards_a_request_held_for_the_next_round_and_its_refusals(cloud_and_tap):
+    import threading
+
+    import grpc
+
+    from protos.control import ROUND_METADATA, Announcement
+
+    cfg, node, port, tap_port, curious, proxy = cloud_and_tap
+    client = CloudClient(f"127.0.0.1:{tap_port}")
+    got: dict = {}
+    th = threading.Thread(target=lambda: got.update(reply=client.download("fog-0", 1, wait_s=20.0)), daemon=True)
+    th.start()
+    th.join(0.3)
+    assert th.is_alive()  # held, through the tap, until the round opens
+    node.start_round()
+    th.join(20)
+    header, _ = got["reply"]
+    assert Announcement.from_json(header.announcement).round == 1
+    node.end_run()
+    with pytest.raises(grpc.RpcError) as info:
+        client.download("fog-0", 2, wait_s=5.0)
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert dict(info.value.trailing_metadata())[ROUND_METADATA] == "1"
+    client.close()
