@@ -27,6 +27,10 @@ edge's round step run back to back, and after 30 ms of sleep (as a networked nod
 its messages). On the 2-core test VM the second costs 2-3x the CPU of the first; the
 in-process engine never idles.
 
+The networked run is what ``fogfl run`` starts: each fog with its edges on its own CPU
+(``--placement fog-groups``, the default) and fogs asking for each next round's model ahead
+(``cloud.ask_ahead``); session 8 measured each against its absence (docs/benchmarks.md).
+
 The broker is Mosquitto if installed, configured as ``deploy/mosquitto/fogfl.conf`` recommends
 for latency (``set_tcp_nodelay true``), else the embedded amqtt broker."""
 
