@@ -153,7 +153,9 @@ class FogService:
         self._quiet_until = 0  # do not ask ahead again before having taken part in this round
         self.topics = Topics(cfg.run_id)
         self.cloud = CloudClient(cloud_address)
-        self.announcements: queue.Queue[Announcement] = queue.Queue()
+        # the newest announcement not yet looked at (an older one is superseded by it, and one whose
+        # model came ahead is skipped): a slot, so that announcements do not pile up while asking ahead
+        self.announcements: queue.Queue[Announcement] = queue.Queue(maxsize=1)
         # a kept session: edges' batches published while this fog is away wait at the broker; and
         # a batch is acknowledged only once pooled, so one the fog could not store is sent again
         self.link = MqttLink(cfg.mqtt, f"{cfg.run_id}-{node.fog_id}", self.topics.status(node.fog_id),
@@ -165,8 +167,15 @@ class FogService:
 
     def _on_round(self, topic: str, payload: bytes) -> None:
         ann = self.node.on_announcement(payload)
-        if ann is not None:
-            self.announcements.put(ann)
+        while ann is not None:
+            try:
+                self.announcements.put_nowait(ann)
+                break
+            except queue.Full:  # an older one nobody looked at: superseded
+                try:
+                    self.announcements.get_nowait()
+                except queue.Empty:
+                    pass
 
     def _on_samples(self, topic: str, payload: bytes) -> None:
         """A batch is written to the pool's journal, counted (the last one of a round lets the

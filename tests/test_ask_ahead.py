@@ -164,3 +164,23 @@ def test_over_grpc_a_fog_left_out_learns_the_round_from_the_metadata():
         node.end_run()
         client.close()
         server.stop(0).wait(5)
+
+
+def test_announcements_do_not_pile_up_while_a_fog_asks_ahead(tmp_path):
+    """The fog keeps only the newest announcement it has not looked at: while its models come
+    ahead, the announcements of those rounds are superseded instead of queued."""
+    from fog.node import FogNode
+    from fog.service import FogService
+
+    cfg = _cfg()
+    svc = FogService(cfg, FogNode(cfg, "fog-0", state_dir=tmp_path / "fog"), "127.0.0.1:1")
+    try:
+        for rnd in (1, 2, 3):
+            ann = Announcement(run_id=cfg.run_id, round=rnd, model_version=rnd - 1, selected=["fog-0", "fog-1"],
+                               deadline_s=5, min_updates=2, acquisition=cfg.acquisition, train=cfg.train,
+                               issued_at=0.0)
+            svc._on_round("rounds", ann.to_json())
+        assert svc.announcements.qsize() == 1
+        assert svc.announcements.get_nowait().round == 3
+    finally:
+        svc.close()
