@@ -53,7 +53,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.node = node
         self.rejected = 0
         # requests asking ahead hold a server thread each while they wait: at most this many
-        # (start_grpc_server gives the server 8), so that uploads always find a thread
+        # (CloudService gives its server this many threads beyond the usual 8, so that uploads
+        # always find one)
         self.max_waiting = max_waiting
         self._waiting = 0
         self._wait_lock = threading.Lock()
