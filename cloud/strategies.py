@@ -24,16 +24,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from scipy.linalg.blas import daxpy, saxpy
-from threadpoolctl import ThreadpoolController
 
 from kernel.config import CloudConfig
 from kernel.errors import ConfigError, FogflError
+from protos.blas import one_blas_thread
 from protos.control import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -186,32 +185,6 @@ class Strategy:
         return out
 
 
-_BLAS_LIBS: list | None = None  # threadpoolctl's controllers of the BLAS libraries loaded
-
-
-@contextmanager
-def _one_blas_thread():
-    """BLAS level-1 calls on L2-sized chunks gain nothing from threads, and OpenBLAS's thread
-    hand-off makes them up to 20x slower on a busy machine: run them on the calling thread.
-    A library already at one thread (a node process: the launcher sets ``OMP_NUM_THREADS=1``) is
-    left alone; the others are set to one and restored after. (``ThreadpoolController.limit``
-    did the same in ~12 us a call, once per update folded; this reads two thread counts in ~1 us.)"""
-    global _BLAS_LIBS
-    if _BLAS_LIBS is None:
-        _BLAS_LIBS = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-    changed = []
-    try:
-        for lib in _BLAS_LIBS:
-            n = lib.get_num_threads()
-            if n is not None and n != 1:
-                lib.set_num_threads(1)
-                changed.append((lib, n))
-        yield
-    finally:
-        for lib, n in changed:
-            lib.set_num_threads(n)
-
-
 def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
@@ -276,7 +249,7 @@ class FedAvg(Strategy):
             weights = self._weights(fog_id, num_samples, meta)
             for key, w in weights.items():
                 self._totals[key] = self._totals.get(key, 0.0) + w
-        with _one_blas_thread():
+        with one_blas_thread():
             for name, segments in self._plan:
                 u = update[name]
                 if u.dtype != np.float32 or not u.flags.c_contiguous:

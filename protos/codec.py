@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 import xxhash
 from google.protobuf.unknown_fields import UnknownFieldSet
+from scipy.linalg.blas import ddot, sdot
 
 from protos import fogfl_pb2 as pb
+from protos.blas import one_blas_thread
 from protos.errors import ChecksumError, WireError
 
 CHUNK_SIZE = 1 << 20  # 1 MiB
@@ -293,14 +295,28 @@ def _scan_tensor_set(payload: bytes | memoryview) -> list[tuple[str, list[int], 
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 
 
+_DOT = {np.dtype(np.float32): sdot, np.dtype(np.float64): ddot}
+
+
 def all_finite(values: np.ndarray) -> bool:
-    """No NaN or infinity in ``values``: ``np.minimum``/``np.maximum`` propagate NaN, and an
-    infinity is the minimum or the maximum, so two reductions settle it exactly, at memory speed
-    and without a temporary (~2.6 ms for 51 MB of float32 here, against ~4 ms for a ``sum()``,
-    which could also overflow). A BLAS ``x . x`` would be faster on one thread, but OpenBLAS
-    starts its own threads unless told not to, which doubled a transfer's CPU in the benchmark."""
+    """No NaN or infinity in ``values``.
+
+    Contiguous float32/float64 values first go through one BLAS pass, ``x . x`` on the calling
+    thread (:func:`protos.blas.one_blas_thread`): a NaN or an infinity makes it NaN or +inf, and
+    squares cannot cancel, so a finite result settles it. A non-finite one (a NaN or an infinity,
+    or finite values whose squares overflow, |x| > 1.8e19 in float32) goes to the exact check,
+    ``np.minimum``/``np.maximum``: they propagate NaN, and an infinity is the minimum or the
+    maximum. Per MiB of float32 in cache: ~16 us for the dot, ~29 us for the two reductions; on
+    a 51 MB download the fog's receiving thread 8.3-8.8 -> 7.5-7.7 ms (docs/benchmarks.md,
+    session 8)."""
     if values.size == 0:
         return True
+    dot = _DOT.get(values.dtype)
+    if dot is not None and values.flags.c_contiguous and values.flags.aligned:
+        flat = values.reshape(-1)
+        with one_blas_thread():
+            if math.isfinite(dot(flat, flat)):
+                return True
     return bool(np.isfinite(np.minimum.reduce(values, axis=None)) and np.isfinite(np.maximum.reduce(values, axis=None)))
 
 

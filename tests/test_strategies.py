@@ -305,7 +305,7 @@ def test_robust_aggregators_survive_scaled_and_flipped_updates(digits_federation
 def test_the_fold_runs_blas_on_one_thread_and_restores_the_count():
     from threadpoolctl import ThreadpoolController
 
-    from cloud.strategies import _one_blas_thread
+    from protos.blas import one_blas_thread as _one_blas_thread
 
     blas = ThreadpoolController().select(user_api="blas")
     if not blas.lib_controllers:
