@@ -263,34 +263,28 @@ class FedAvg(Strategy):
                     if w == 0.0:
                         continue
                     x = (u if sl is None else u[sl]).reshape(-1)
-                    if direct and x.size:  # the common case, inline (_axpy's first branch): ~1 us per tensor less
+                    if not x.size:
+                        continue
+                    if direct:  # the common case, inline: ~1 us per tensor less than a method call
                         r = saxpy(x, y, a=w)
                         if r is not y:  # pragma: no cover - f2py wrote a copy (non-contiguous y); never seen
                             y[...] = r
                     else:
-                        self._axpy(y, x, w)
+                        self._axpy_scratch(y, x, w)
 
     def _weight_keys(self) -> list[int]:
         return [0]
 
-    def _axpy(self, y: np.ndarray, x: np.ndarray, w: float) -> None:
-        """y += w * x in place (y and x flat, contiguous, the same size)."""
-        n = x.size
-        if n == 0:
-            return
-        if y.dtype == np.float32 and x.flags.aligned:
-            r = saxpy(x, y, a=w)
-            if r is not y:  # pragma: no cover - f2py wrote a copy (non-contiguous y); never seen
-                y[...] = r
-            return
-        # float64 accumulator, or an unaligned view into a received payload (BLAS wrappers would
-        # silently copy the whole tensor): through a small aligned scratch of the accumulator's dtype
+    def _axpy_scratch(self, y: np.ndarray, x: np.ndarray, w: float) -> None:
+        """y += w * x in place (y and x flat, contiguous, the same size) for a float64 accumulator or
+        an unaligned view into a received payload (BLAS wrappers would silently copy the whole
+        tensor): through a small aligned scratch of the accumulator's dtype."""
         s = self._scratch
         if s is None or s.dtype != y.dtype:
             s = self._scratch = np.empty(_CHUNK, dtype=y.dtype)
         axpy = saxpy if y.dtype == np.float32 else daxpy
-        for i in range(0, n, _CHUNK):
-            j = min(n, i + _CHUNK)
+        for i in range(0, x.size, _CHUNK):
+            j = min(x.size, i + _CHUNK)
             buf = s[: j - i]
             np.copyto(buf, x[i:j])
             axpy(buf, y[i:j], a=w)
