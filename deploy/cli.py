@@ -207,6 +207,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set rounds=5 --set topology.fogs=3")
 
 
+def _cpus_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", metavar="LIST", help="run on these CPUs only, e.g. 0 or 0,2 or 0-3 (Linux)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fogfl", description="Federated learning on edge-fog-cloud deployments.")
     ap.add_argument("--log-level", default=os.environ.get("FOGFL_LOG_LEVEL", "INFO"))
@@ -238,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tap", metavar="DIR", help="curious cloud: record every update with the model served for it")
     p.add_argument("--malicious", choices=["mkor"], help="malicious cloud: serve manipulated parameters")
     p.add_argument("--target", metavar="FOG_ID", help="the fog the malicious cloud targets")
-    p.add_argument("--cpus", metavar="LIST", help="run on these CPUs only, e.g. 0 or 0,2 or 0-3 (Linux)")
+    _cpus_arg(p)
     p.set_defaults(func=cmd_cloud)
 
     p = sub.add_parser("fog", help="a fog gateway")
@@ -248,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud", required=True, metavar="HOST:PORT", help="the cloud's (or a tap's) gRPC address")
     p.add_argument("--state", help="directory for the durable sample pool")
     p.add_argument("--truth", help="testbed only: write each round's training samples here, for scoring")
-    p.add_argument("--cpus", metavar="LIST", help="run on these CPUs only, e.g. 0 or 0,2 or 0-3 (Linux)")
+    _cpus_arg(p)
     p.set_defaults(func=cmd_fog)
 
     p = sub.add_parser("edge", help="an edge device (no torch)")
@@ -258,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", help="directory for the durable outbox")
     p.add_argument("--model", metavar="FILE.onnx", help="start with this ONNX model as version 0 (e.g. the "
                    "cloud's checkpoints/latest.onnx); the fog's models replace it")
-    p.add_argument("--cpus", metavar="LIST", help="run on these CPUs only, e.g. 0 or 0,2 or 0-3 (Linux)")
+    _cpus_arg(p)
     p.set_defaults(func=cmd_edge)
 
     p = sub.add_parser("tap", help="transparent gRPC proxy between fogs and the cloud that records updates")

@@ -136,8 +136,8 @@ def usable_cpus() -> frozenset[int]:
 def pin_cpus(cpus: frozenset[int]) -> None:
     """Run this process, and every thread it starts from now on, on ``cpus`` only. Call it first
     thing in a node's entry point, before any thread exists (threads inherit the mask they are
-    created with). A :class:`ConfigError` when the OS cannot (not Linux) or when none of ``cpus``
-    is usable here."""
+    created with). A :class:`ConfigError` when the OS cannot (not Linux) or when ``cpus`` is
+    empty or holds a CPU this process may not use."""
     if not hasattr(os, "sched_setaffinity"):
         raise ConfigError("--cpus: this operating system cannot restrict a process to CPUs (Linux only)")
     usable = usable_cpus()
