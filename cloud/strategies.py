@@ -211,7 +211,6 @@ class FedAvg(Strategy):
         self._scratch: np.ndarray | None = None
         # (tensor, [(weight key, slice, flat view of the accumulator)]): see _alloc
         self._plan: list[tuple[str, list[tuple[int, slice | None, np.ndarray]]]] = []
-        self._acc_dtype: type = np.float32
 
     # segments: (weight key, slice along dim 0 or None); FedAvg has one key for everything
     def _segments(self, name: str) -> list[tuple[int, slice | None]]:
@@ -229,7 +228,6 @@ class FedAvg(Strategy):
     def _alloc(self, masked: bool) -> None:
         dtype = np.float64 if (masked or self.precision == "float64") else np.float32
         self._acc = {k: np.zeros(g.shape, dtype=dtype) for k, g in self._global.items()}
-        self._acc_dtype = dtype
         # each tensor's segments as flat views of the accumulator, worked out once a round rather
         # than per update (the bookkeeping per update was ~20 us, 5 % of folding a 2 M model)
         self._plan = [(name, [(key, sl, (acc if sl is None else acc[sl]).reshape(-1))
@@ -251,7 +249,7 @@ class FedAvg(Strategy):
             weights = self._weights(fog_id, num_samples, meta)
             for key, w in weights.items():
                 self._totals[key] = self._totals.get(key, 0.0) + w
-        f32 = self._acc_dtype == np.float32
+        f32 = next(iter(self._acc.values())).dtype == np.float32  # the accumulator's dtype, per round
         with one_blas_thread():
             for name, segments in self._plan:
                 u = update[name]
