@@ -159,11 +159,11 @@ def _aggregator_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
     })
 
 
-def start_grpc_server(servicer: pb_grpc.AggregatorServicer, host: str, port: int,
-                      workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Bind, register the Aggregator and the health service, start. Port 0 picks a free port.
-    An :class:`AggregatorServicer` gets the zero-copy registration; any other servicer the
-    generated one."""
+def start_grpc_server(servicer: pb_grpc.AggregatorServicer, host: str, port: int, workers: int = 8,
+                      start: bool = True) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Bind, register the Aggregator and the health service, start (unless ``start=False``: see
+    :func:`kernel.rpc.start_server`). Port 0 picks a free port. An :class:`AggregatorServicer`
+    gets the zero-copy registration; any other servicer the generated one."""
 
     def register(server: grpc.Server) -> None:
         if isinstance(servicer, AggregatorServicer):
@@ -172,7 +172,7 @@ def start_grpc_server(servicer: pb_grpc.AggregatorServicer, host: str, port: int
             pb_grpc.add_AggregatorServicer_to_server(servicer, server)
 
     return start_server(register, host, port, workers=workers, services=(SERVICE_NAME,),
-                        hint=" (choose another with --set cloud.port=N)")
+                        hint=" (choose another with --set cloud.port=N)", start=start)
 
 
 class CloudService:
@@ -197,10 +197,15 @@ class CloudService:
             self.online.discard(node_id)
 
     def start(self) -> None:
+        """Bind the gRPC port (a busy one fails here, before the broker is tried), connect to the
+        broker, clear what an earlier run of the same ``run_id`` left retained there (a broker with
+        persistence keeps it across restarts), then serve. In that order: a fog waits until the
+        service answers before it subscribes, and ``fogfl run`` starts the fogs and edges only
+        then, so none of them takes the earlier run's last announcement, edge model or end for
+        this run's."""
         # requests held for the next round take a thread each: the uploads keep the usual 8
         self.server, self.port, _ = start_grpc_server(self.servicer, self.cfg.cloud.host, self.cfg.cloud.port,
-                                                      workers=8 + self.cfg.cloud.ask_ahead)
-        log.info("gRPC aggregator listening on %s:%d", self.cfg.cloud.host, self.port)
+                                                      workers=8 + self.cfg.cloud.ask_ahead, start=False)
         self.link = MqttLink(self.cfg.mqtt, f"{self.cfg.run_id}-cloud", self.topics.status("cloud"))
         self.link.subscribe(self.topics.status_all, self._on_status)
         try:
@@ -208,11 +213,15 @@ class CloudService:
         except ConnectError:
             self.server.stop(0)
             raise
-        # a previous run's retained announcement must not start this run's fogs, nor its end
-        # stop this run's edges
-        self.link.publish(Publish(self.topics.rounds, b"", retain=True))
-        self.link.publish(Publish(self.topics.done, b"", retain=True))
-        self.link.publish(Publish(self.topics.metrics, b"", retain=True))
+        # the run's announcements, its end, its metrics and the models the fogs served their edges
+        # (a fresh edge would take an earlier run's for its own, then refuse this run's v0 as older)
+        stale = [self.topics.rounds, self.topics.done, self.topics.metrics,
+                 *(self.topics.edge_model(fog) for fog in self.cfg.fog_ids())]
+        for topic in stale[:-1]:
+            self.link.publish(Publish(topic, b"", retain=True), wait=False)
+        self.link.publish(Publish(stale[-1], b"", retain=True))  # QoS 1, in order: all are in once this is
+        self.server.start()
+        log.info("gRPC aggregator listening on %s:%d", self.cfg.cloud.host, self.port)
 
     def run(self) -> list:
         assert self.link is not None

@@ -84,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     own_process()  # the launcher; with --engine inprocess, the whole federation
     return run(cfg, out=args.out, engine=args.engine, attack=not args.no_attack, quiet=args.quiet,
-               timeout=args.timeout, placement=args.placement)
+               timeout=args.timeout, placement=args.placement, wan_rtt_ms=args.wan_rtt)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=["fog-groups", "none"], default="fog-groups",
                    help="network engine, Linux: each fog with its edges on its own share of the CPUs "
                         "(default), or none: leave the processes to the OS scheduler")
+    p.add_argument("--wan-rtt", type=float, default=0.0, metavar="MS",
+                   help="network engine: the fogs and edges reach the cloud and the broker over an emulated "
+                        "WAN with this round-trip time (a delay in user space; default 0, loopback)")
     p.add_argument("--no-attack", action="store_true", help="skip the leakage check at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")

@@ -4,7 +4,8 @@ The network engine starts every service as its own process through the same CLI 
 uses (``fogfl broker``, ``fogfl cloud``, ``fogfl fog``, ``fogfl edge``), follows the rounds over
 MQTT to show progress, and collects the run directory:
 
-    <out>/config.yaml      the resolved config every process ran with
+    <out>/config.yaml      the resolved config every process ran with (with ``--wan-rtt``: the
+                           cloud's; the fogs and edges ran with config-sites.yaml)
     <out>/metrics.json     per-round accuracy, loss, labels used, bytes, wall time (+ leakage)
     <out>/accuracy.png     accuracy and labels used per round
     <out>/logs/*.log       one log per process
@@ -14,6 +15,10 @@ On Linux the launcher places each fog with its edges on its own share of the mac
 (``--cpus`` of ``fogfl fog|edge``; :func:`place_fog_groups`), as a fog gateway and the edge
 devices of its site share no hardware with another site. The cloud and the broker are not
 pinned. ``fogfl run --placement none`` leaves all of it to the OS scheduler.
+
+``fogfl run --wan-rtt MS`` puts a WAN between the sites and the cloud: the fogs and edges reach
+the cloud's gRPC service and the broker through forwarders in the launcher that delay each
+direction by MS/2 (:mod:`deploy.wan`); the cloud reaches the broker directly.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.broker import free_port
+from deploy.wan import DelayProxy, check_rtt
 from kernel.config import RunConfig, dump_config
-from kernel.errors import ConnectError, FogflError
+from kernel.errors import ConfigError, ConnectError, FogflError
 from kernel.mqtt import MqttLink
 from kernel.runtime import format_cpu_list, settle_heap, usable_cpus
 from protos.control import RoundMetrics
@@ -64,6 +70,28 @@ def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | No
     return False
 
 
+def _wait_serving(address: str, timeout: float, proc: subprocess.Popen) -> bool:
+    """Until the gRPC server at ``address`` serves (a channel to it is ready; a port bound but not
+    yet serving does not count), ``proc`` exits, or ``timeout`` passes."""
+    import grpc
+
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        ready = grpc.channel_ready_future(channel)
+        try:
+            while time.monotonic() < end:
+                if proc.poll() is not None:
+                    return False
+                try:
+                    ready.result(timeout=0.2)
+                    return True
+                except grpc.FutureTimeoutError:
+                    continue
+            return False
+        finally:
+            ready.cancel()
+
+
 def make_run_dir(cfg: RunConfig, out: str | None) -> Path:
     if out:
         d = Path(out)
@@ -82,6 +110,7 @@ def make_run_dir(cfg: RunConfig, out: str | None) -> Path:
 
 
 PLACEMENTS = ("fog-groups", "none")
+CLOUD_START_S = 120.0  # importing torch on a busy 2-core machine, building the model, the warm start
 
 
 def place_fog_groups(cfg: RunConfig, cpus: frozenset[int]) -> tuple[dict[str, frozenset[int]], str]:
@@ -119,9 +148,12 @@ def place_fog_groups(cfg: RunConfig, cpus: frozenset[int]) -> tuple[dict[str, fr
 
 
 class NetworkRun:
-    def __init__(self, cfg: RunConfig, out: Path, attack: bool, placement: str = "fog-groups") -> None:
+    def __init__(self, cfg: RunConfig, out: Path, attack: bool, placement: str = "fog-groups",
+                 wan_rtt_ms: float = 0.0) -> None:
         if placement not in PLACEMENTS:
             raise ValueError(f"placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
+        self.wan_rtt_ms = check_rtt(wan_rtt_ms)
+        self.proxies: list[DelayProxy] = []
         self.cfg = cfg.model_copy(deep=True)
         self.out = out
         self.attack = attack
@@ -172,12 +204,28 @@ class NetworkRun:
             cfg.cloud.port = free_port()
         cfg_path = self.out / "config.yaml"
         cfg_path.write_text(dump_config(cfg))
-        common = ["--config", str(cfg_path)]
-        cloud_argv = ["cloud", *common, "--out", str(self.out)]
+        cloud_argv = ["cloud", "--config", str(cfg_path), "--out", str(self.out)]
         if self.attack:
             cloud_argv += ["--tap", str(self.out / "captures")]
         self.cloud = self._spawn("cloud", cloud_argv)
+        # the sites start once the cloud serves: by then it has cleared what an earlier run of this
+        # run_id left retained on the broker (an edge would take that run's end for this one's)
+        if not _wait_serving(f"{cfg.cloud.host}:{cfg.cloud.port}", CLOUD_START_S, self.cloud.proc):
+            raise RunFailed(f"the cloud did not start serving within {CLOUD_START_S:.0f}s: "
+                            f"{self._last_line(self.cloud)}")
         cloud_addr = f"{cfg.cloud.host}:{cfg.cloud.port}"
+        if self.wan_rtt_ms:  # the sites reach the cloud and the broker through the WAN's forwarders
+            one_way = self.wan_rtt_ms / 2000
+            grpc_wan = DelayProxy((cfg.cloud.host, cfg.cloud.port), one_way)
+            mqtt_wan = DelayProxy((cfg.mqtt.host, cfg.mqtt.port), one_way)
+            self.proxies = [grpc_wan, mqtt_wan]
+            cloud_addr = f"127.0.0.1:{grpc_wan.start()}"
+            sites = cfg.model_copy(deep=True)
+            sites.mqtt.host, sites.mqtt.port = "127.0.0.1", mqtt_wan.start()
+            cfg_path = self.out / "config-sites.yaml"
+            cfg_path.write_text(dump_config(sites))
+            log.info("WAN between the sites and the cloud: %.1f ms round trip", self.wan_rtt_ms)
+        common = ["--config", str(cfg_path)]
         for fog_id in cfg.fog_ids():
             argv = ["fog", *common, "--id", fog_id, "--cloud", cloud_addr, "--state", str(self.out / "state" / fog_id)]
             if self.attack:
@@ -237,6 +285,8 @@ class NetworkRun:
         for c in self.children:
             if c.proc.poll() is None:
                 c.proc.terminate()
+        for proxy in self.proxies:
+            proxy.stop()
         end = time.monotonic() + 10
         for c in self.children:
             try:
@@ -301,7 +351,10 @@ def print_summary(metrics: dict, out: Path) -> None:
 
 
 def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack: bool = True, quiet: bool = False,
-        timeout: float = 900.0, placement: str = "fog-groups") -> int:
+        timeout: float = 900.0, placement: str = "fog-groups", wan_rtt_ms: float = 0.0) -> int:
+    check_rtt(wan_rtt_ms)
+    if wan_rtt_ms and engine == "inprocess":
+        raise ConfigError("--wan-rtt needs the network engine (the in-process engine has no network)")
     run_dir = make_run_dir(cfg, out)
     t0 = time.monotonic()
     arrivals: dict[int, float] = {}
@@ -310,7 +363,7 @@ def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack:
 
         run_inprocess(cfg, run_dir, capture=attack, progress=not quiet)
     else:
-        net = NetworkRun(cfg, run_dir, attack, placement)
+        net = NetworkRun(cfg, run_dir, attack, placement, wan_rtt_ms)
         log.info("placement: %s", net.placement)
         try:
             net.start()
@@ -329,6 +382,7 @@ def run(cfg: RunConfig, out: str | None = None, engine: str = "network", attack:
         metrics["round_period_s"] = round_periods(arrivals)
         metrics["placement"] = {"summary": net.placement,
                                 "cpus": {name: format_cpu_list(c) for name, c in net.cpus.items()}}
+        metrics["wan_rtt_ms"] = net.wan_rtt_ms
     if attack:
         from deploy.leakage import leakage_check
 

@@ -17,9 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def start_server(register: Callable[[grpc.Server], None], host: str, port: int, *, workers: int = 8,
-                 services: Iterable[str] = (), hint: str = "") -> tuple[grpc.Server, int, health.HealthServicer]:
+                 services: Iterable[str] = (), hint: str = "",
+                 start: bool = True) -> tuple[grpc.Server, int, health.HealthServicer]:
     """``register(server)`` adds the service handlers; port 0 picks a free port. Returns the running
-    server, the bound port and the health servicer (SERVING for "" and each of ``services``)."""
+    server, the bound port and the health servicer (SERVING for "" and each of ``services``).
+    ``start=False``: bound (a busy port fails now) but not serving until the caller's
+    ``server.start()``; clients connect meanwhile, but their channels are not ready."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     register(server)
     health_servicer = health.HealthServicer()
@@ -30,7 +33,8 @@ def start_server(register: Callable[[grpc.Server], None], host: str, port: int, 
         bound = 0
     if not bound:
         raise ConnectError(f"cannot listen on {host}:{port}: port in use or address not available{hint}")
-    server.start()
+    if start:
+        server.start()
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health_servicer

@@ -58,7 +58,10 @@ def test_federation_over_embedded_broker(tmp_path):
     assert _served_ahead(out) == 0
 
 
-def test_federation_over_mosquitto(tmp_path):
+def test_federation_over_mosquitto_twice_the_second_time_across_a_wan(tmp_path):
+    """The second run has the same run_id on the same broker, which still holds the first run's
+    retained end, announcements and edge models: they must not end or stall it. It runs with the
+    sites behind an emulated WAN (``--wan-rtt``)."""
     broker = Mosquitto(tmp_path)
     try:
         out = tmp_path / "run"
@@ -69,6 +72,18 @@ def test_federation_over_mosquitto(tmp_path):
         assert "broker" not in {p.stem for p in (out / "logs").glob("*.log")}
         # the fogs asked for each next round's model as soon as they had uploaded
         assert _served_ahead(out) >= 2
+
+        again = tmp_path / "again"
+        proc = fogfl("run", *SMALL, "--out", str(again), "--no-attack", "--mqtt", f"127.0.0.1:{broker.port}",
+                     "--wan-rtt", "20", timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = _check_run(again, 3)
+        assert m["wan_rtt_ms"] == 20.0
+        # the sites reached the broker through the WAN's forwarder, the cloud directly
+        sites = (again / "config-sites.yaml").read_text()
+        assert f"port: {broker.port}" in (again / "config.yaml").read_text()
+        assert f"port: {broker.port}" not in sites
+        assert _served_ahead(again) >= 2
     finally:
         broker.stop()
 
