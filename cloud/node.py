@@ -220,7 +220,7 @@ class CloudNode:
     def serve_next(self, fog_id: str, round_: int, wait_s: float,
                    active: Callable[[], bool] = lambda: True) -> tuple[str, int, pb.ModelHeader | None, bytes]:
         """The model of round ``round_`` or a later one for ``fog_id``, waiting up to ``wait_s`` for
-        such a round to open (a fog asks as soon as it has uploaded, and so learns of the next round
+        such a round to open (a fog asks as it sends its update, and so learns of the next round
         without waiting for the announcement on MQTT): ``(status, round, header, payload)``, status
         one of ``"open"`` (header and payload as :meth:`serve_model`, the header carrying the
         round's announcement), ``"not_selected"`` (the open round ``round`` does not include this

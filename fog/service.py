@@ -134,13 +134,14 @@ class CloudClient:
 
 class FogService:
     """Takes part in the rounds it is selected for. It learns of a round in one of two ways: as
-    soon as it has uploaded (or started), it asks the cloud for the next round's model, and the
+    it sends its update (or when it starts), it asks the cloud for the next round's model, and the
     cloud answers when that round opens, with its announcement (``ModelRequest.wait_ms``); the
     announcement published on MQTT is the other, for when the cloud cannot hold the request
     (too many fogs waiting, an older cloud) or is unreachable for a moment. Asking ahead saves
-    the MQTT hop and the request that followed it: the fogs had the model 1.3 ms after the round
-    opened instead of 2.5-4.3 ms, and a small-preset round took a median 21.4 ms instead of 23.4
-    (docs/benchmarks.md, session 8); across a WAN, one round trip of the two a round began with."""
+    the MQTT hop and the request that followed it: on loopback the fogs had the model 1.3 ms
+    after the round opened instead of 2.5-4.3 ms (a small-preset round 21.4 ms instead of 23.4);
+    across an emulated WAN, one round trip a round (40 ms: 149-153 ms against 191-195 with
+    announcements only; docs/benchmarks.md, sessions 8 and 9)."""
 
     ASK_AHEAD_S = 2.0  # how long the cloud may hold one request ahead (then the fog asks again)
 
@@ -278,8 +279,9 @@ class FogService:
         """Send the request for round ``round_``'s model now, beside the update, rather than after
         the update's ack: the cloud holds it until the round opens either way, and across a WAN
         the ack's trip back would hold the next round's model back by one round-trip time
-        (``fogfl run --wan-rtt 40``, small preset: a round took a median 184 ms asking after the
-        ack; docs/benchmarks.md). :meth:`_next_round` takes the reply."""
+        (``fogfl run --wan-rtt 40``, small preset: a round took a median 149-153 ms against
+        186-187 ms asking after the ack; docs/benchmarks.md, session 9). :meth:`_next_round`
+        takes the reply."""
         if not (self.ask_ahead and self.link.connected and round_ > self._quiet_until
                 and self._ahead is None and not self.stop.is_set()):
             return

@@ -1,4 +1,4 @@
-"""A fog asks for the next round's model as soon as it has uploaded; the cloud holds the request
+"""A fog asks for the next round's model as it sends its update; the cloud holds the request
 until that round opens (``ModelRequest.wait_ms``), or says why not: not selected, not open yet,
 the run is over, too many fogs waiting."""
 

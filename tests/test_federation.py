@@ -70,7 +70,7 @@ def test_federation_over_mosquitto_twice_the_second_time_across_a_wan(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         _check_run(out, 3)
         assert "broker" not in {p.stem for p in (out / "logs").glob("*.log")}
-        # the fogs asked for each next round's model as soon as they had uploaded
+        # the fogs asked for each next round's model as they sent their update
         assert _served_ahead(out) >= 2
 
         again = tmp_path / "again"
