@@ -2,7 +2,8 @@
 every byte by a fixed time in each direction (``fogfl run --wan-rtt MS``).
 
 ``tc qdisc ... netem`` is the usual tool, but it needs root and a kernel with ``sch_netem`` (this
-project's CI machine has neither, and Docker Desktop or macOS have no ``tc``). A forwarder in user
+project's CI machine runs as root but its kernel has no ``sch_netem``; Docker Desktop and macOS
+have no ``tc``). A forwarder in user
 space needs nothing: bytes read from one side are written to the other ``rtt / 2`` later, in
 order, so a request and its reply take one round-trip time more than on loopback. Only latency is
 emulated: no bandwidth limit, loss or jitter. Each direction holds at most
